@@ -1,0 +1,517 @@
+"""Parameter scaling (MDA section 5) and assembly (section 6).
+
+Two forms, same outputs:
+
+- "branches" (default): every component runs as its own sub-network on the
+  shared input (each converts the image to its own channels, size and
+  normalisation), and their scaled logits are concatenated. Its cost is the sum
+  of its components' costs.
+- "padded": the paper's single network. At every layer the components'
+  filters are concatenated on the output side and zero-padded on the input
+  side (block-diagonal weights), so one standard architecture computes all of
+  them. It needs components of one architecture and one input spec, and costs
+  (sum Q)(sum P) per layer instead of sum QP.
+
+Scaling methods put the components' logits on one scale before they compete
+in one argmax:
+
+- "none": logits as they are.
+- "reference": the public reference code's rule. For each class, the mean
+  winning logit over its calibration samples that the component classifies
+  correctly; the class's logit is multiplied by 1 / mean.
+- "calibrated" (default): "reference", then one additive offset per component,
+  chosen to maximise the assembled model's accuracy on the calibration samples
+  of all components (an exact 1-D sweep per component, a few rounds of
+  coordinate ascent). No weights are trained: two numbers per class and one per
+  component are set from data the components were located on.
+
+Calibration samples of a part are drawn from its locating dataset: the
+located (most confident) samples plus up to `calibration_per_class` others per
+class, picked with a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lego_core.disassemble import Component, disassemble
+from lego_core.errors import IncompatibleComponentsError, LegoError
+from lego_core.graph import GraphNet, LegoGraph, Node, Param
+from lego_core.locate import Components
+from lego_core.model import SourceModel
+from lego_core.spec import InputSpec
+
+SCALING_METHODS = ("calibrated", "reference", "none")
+FORMS = ("branches", "padded")
+DEFAULT_SCALING = "calibrated"
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Part:
+    """Classes taken from one source model. `data` is the dataset the
+    components were located on, loaded with the model's spec; scaling uses it."""
+
+    model: SourceModel
+    components: Components
+    classes: list
+    data: object | None = None
+    source_id: str = ""
+
+
+class InputAdapter(nn.Module):
+    """Raw images in [0, 1] of one spec -> normalised images of another:
+    channel conversion (luma weights for RGB -> gray), bilinear resize,
+    normalisation."""
+
+    def __init__(self, source: InputSpec, target: InputSpec):
+        super().__init__()
+        self.convert = None
+        if source.channels == 3 and target.channels == 1:
+            self.convert = "to_gray"
+        elif source.channels == 1 and target.channels == 3:
+            self.convert = "to_rgb"
+        self.resize = (source.height, source.width) != (target.height, target.width)
+        self.size = (target.height, target.width)
+        self.register_buffer("mean", torch.tensor(target.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(target.std).view(1, -1, 1, 1))
+        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.convert == "to_gray":
+            x = (x * self.luma).sum(1, keepdim=True)
+        elif self.convert == "to_rgb":
+            x = x.expand(-1, 3, -1, -1)
+        if self.resize:
+            x = F.interpolate(
+                x, size=self.size, mode="bilinear", align_corners=False, antialias=True
+            )
+        return (x - self.mean) / self.std
+
+
+class Branch(nn.Module):
+    def __init__(
+        self, component: Component, raw_spec: InputSpec, scale: torch.Tensor, shift: torch.Tensor
+    ):
+        super().__init__()
+        self.adapter = InputAdapter(raw_spec, component.spec)
+        self.net = component.net()
+        self.register_buffer("scale", scale.float().clone())
+        self.register_buffer("shift", shift.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.adapter(x)) * self.scale + self.shift
+
+
+class BranchesNet(nn.Module):
+    """Independent branches on one raw input; logits concatenated in order."""
+
+    def __init__(self, branches: list[Branch]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+class PaddedNet(nn.Module):
+    """One block-diagonal network (the paper's form) behind one adapter."""
+
+    def __init__(self, graph: LegoGraph, raw_spec: InputSpec, spec: InputSpec):
+        super().__init__()
+        self.adapter = InputAdapter(raw_spec, spec)
+        self.net = GraphNet(graph).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.adapter(x))
+
+
+@dataclass
+class AssembledModel:
+    """A classifier for `class_names` taking raw images in [0, 1] of `spec`
+    (the spec's mean 0 / std 1 say: normalisation happens inside)."""
+
+    module: nn.Module
+    class_names: list[str]
+    lineage: list[dict]
+    spec: InputSpec
+    form: str
+    scaling: str
+    components: list[Component] = field(default_factory=list)
+    scales: list[dict] = field(default_factory=list)
+    sources: list[tuple[SourceModel, list[int]]] = field(default_factory=list)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @property
+    def params(self) -> int:
+        return (
+            sum(c.graph.param_count() for c in self.components)
+            if self.form == "branches"
+            else (self.module.net.graph.param_count())
+        )
+
+
+def raw_spec_for(specs: list[InputSpec]) -> InputSpec:
+    """The assembled model's input: the largest size and channel count of its
+    parts, values in [0, 1]."""
+    c = max(s.channels for s in specs)
+    return InputSpec(
+        c, max(s.height for s in specs), max(s.width for s in specs), (0.0,) * c, (1.0,) * c
+    )
+
+
+def to_raw(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 images of some spec -> float [0, 1] images of `spec` (channels and size)."""
+    x = images.float() / 255.0
+    if x.shape[1] == 1 and spec.channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and spec.channels == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if tuple(x.shape[2:]) != (spec.height, spec.width):
+        x = F.interpolate(
+            x, size=(spec.height, spec.width), mode="bilinear", align_corners=False, antialias=True
+        )
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Calibration data and scaling
+
+
+def calibration_indices(part: Part, component: Component, per_class: int, seed: int = 0):
+    """Rows of the part's dataset used to calibrate, and their positions in the
+    component's output (0..len(classes)-1)."""
+    data = part.data
+    name_to_pos = {n: i for i, n in enumerate(component.class_names)}
+    labels = torch.tensor([name_to_pos.get(n, -1) for n in data.class_names])[data.labels]
+    g = torch.Generator().manual_seed(seed)
+    rows, pos = [], []
+    for k, c in enumerate(component.class_indices):
+        chosen = component.selected.get(k, torch.zeros(0, dtype=torch.long))
+        members = torch.nonzero(labels == k).flatten()
+        extra = members[torch.randperm(members.numel(), generator=g)]
+        extra = extra[~torch.isin(extra, chosen)][:per_class]
+        idx = torch.cat([chosen, extra])
+        if idx.numel() == 0:
+            raise LegoError(f"no calibration samples for class {part.model.class_names[c]}")
+        rows.append(idx)
+        pos.append(torch.full((idx.numel(),), k, dtype=torch.long))
+    return torch.cat(rows), torch.cat(pos)
+
+
+def reference_scales(logits: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """1 / mean winning logit per class over correctly classified samples."""
+    scale = torch.ones(n)
+    pred = logits.argmax(1)
+    for k in range(n):
+        ok = (labels == k) & (pred == k)
+        if bool(ok.any()):
+            mean = float(logits[ok, k].mean())
+            if mean > 0:
+                scale[k] = 1.0 / mean
+    return scale
+
+
+def calibrate_offsets(logits: torch.Tensor, labels: torch.Tensor, rounds: int = 4) -> torch.Tensor:
+    """One additive offset per output class maximising the accuracy of the
+    joint argmax on the calibration pool (coordinate ascent; each step is an
+    exact 1-D sweep). `logits`: [N, C] scaled logits of all components."""
+    n, c = logits.shape
+    offsets = torch.zeros(c, dtype=logits.dtype)
+    rows = torch.arange(n)
+    for _ in range(rounds):
+        changed = False
+        for j in range(c):
+            z = logits + offsets
+            true = z[rows, labels]
+            others = z.clone()
+            others[rows, labels] = float("-inf")
+            others[:, j] = float("-inf")
+            rival = others.max(1).values  # strongest wrong class other than j
+            zj = logits[:, j]
+            own = labels == j
+            # own sample: correct iff zj + b > rival; other sample: iff true > rival
+            # (independent of b) and zj + b < true.
+            lo = torch.where(own, rival - zj, torch.full_like(zj, float("-inf")))
+            hi = torch.where(own, torch.full_like(zj, float("inf")), true - zj)
+            relevant = own | (true > rival)
+            b = _best_point(lo[relevant], hi[relevant], float(offsets[j]))
+            changed |= b != float(offsets[j])
+            offsets[j] = b
+        if not changed:
+            break
+    return offsets
+
+
+def _best_point(lo: torch.Tensor, hi: torch.Tensor, current: float) -> float:
+    """The b inside the most open intervals (lo, hi); among equally good
+    candidates (midpoints between interval ends), the one closest to `current`."""
+    ends = torch.cat([lo, hi])
+    ends = torch.unique(ends[torch.isfinite(ends)])
+    if ends.numel() == 0:
+        return current
+    candidates = torch.cat([ends[:1] - 1.0, (ends[1:] + ends[:-1]) / 2, ends[-1:] + 1.0])
+    inside = (lo[:, None] < candidates[None, :]) & (candidates[None, :] < hi[:, None])
+    counts = inside.sum(0)
+    best = counts == counts.max()
+    distance = torch.where(
+        best, (candidates - current).abs(), torch.full_like(candidates, float("inf"))
+    )
+    return float(candidates[distance.argmin()])
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_components(parts: list[Part]) -> list[Component]:
+    comps = []
+    for p in parts:
+        comp = disassemble(p.model, p.components, p.classes)
+        comp.source = p.source_id or p.model.name
+        comps.append(comp)
+    names = [n for c in comps for n in c.class_names]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise IncompatibleComponentsError(
+            f"class name(s) {dupes} are requested from more than one model; "
+            "an assembled model needs distinct class names"
+        )
+    return comps
+
+
+@torch.no_grad()
+def compute_scales(
+    parts: list[Part], comps: list[Component], raw_spec: InputSpec, method: str, per_class: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if method == "none":
+        return [(torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))) for c in comps]
+    missing = [p.source_id or p.model.name for p in parts if p.data is None]
+    if missing:
+        raise LegoError(f"scaling '{method}' needs the locating dataset of {missing}")
+    pool_x, pool_y, offset = [], [], 0
+    for p, c in zip(parts, comps, strict=True):
+        rows, pos = calibration_indices(p, c, per_class)
+        pool_x.append(to_raw(p.data.images[rows], raw_spec))
+        pool_y.append(pos + offset)
+        offset += len(c.class_names)
+    x, y = torch.cat(pool_x), torch.cat(pool_y)
+    raw_logits = []
+    for c in comps:
+        branch = Branch(
+            c, raw_spec, torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))
+        )
+        raw_logits.append(torch.cat([branch(x[i : i + 256]) for i in range(0, x.shape[0], 256)]))
+    scales, starts = [], 0
+    for c, z in zip(comps, raw_logits, strict=True):
+        n = len(c.class_names)
+        own = (y >= starts) & (y < starts + n)
+        scales.append(reference_scales(z[own], y[own] - starts, n))
+        starts += n
+    shifts = [torch.zeros(len(c.class_names)) for c in comps]
+    if method == "calibrated":
+        scaled = torch.cat([z * s for z, s in zip(raw_logits, scales, strict=True)], 1)
+        shifts = list(
+            torch.split(calibrate_offsets(scaled, y), [len(c.class_names) for c in comps])
+        )
+    return list(zip(scales, shifts, strict=True))
+
+
+def assemble(
+    parts: list[Part],
+    scaling: str = DEFAULT_SCALING,
+    form: str = "branches",
+    calibration_per_class: int = 100,
+    progress: Progress | None = None,
+) -> AssembledModel:
+    """Builds one classifier for the union of the parts' classes, in order."""
+    if not parts:
+        raise IncompatibleComponentsError("an assembly needs at least one part")
+    if scaling not in SCALING_METHODS:
+        raise LegoError(f"unknown scaling '{scaling}'; choose one of {', '.join(SCALING_METHODS)}")
+    if form not in FORMS:
+        raise LegoError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    report = progress or (lambda f, m: None)
+    report(0.0, "disassembling")
+    comps = build_components(parts)
+    raw_spec = raw_spec_for([c.spec for c in comps])
+    if form == "padded":
+        check_padded(parts, comps)
+    report(0.4, "scaling")
+    scales = compute_scales(parts, comps, raw_spec, scaling, calibration_per_class)
+    report(0.7, "assembling")
+    if form == "branches":
+        module = BranchesNet(
+            [Branch(c, raw_spec, s, b) for c, (s, b) in zip(comps, scales, strict=True)]
+        )
+    else:
+        module = PaddedNet(merge_padded(comps, scales), raw_spec, comps[0].spec)
+    module.eval()
+    lineage = [
+        {"source": c.source, "class_index": int(i), "class_name": n, "position": pos}
+        for pos, (c, i, n) in enumerate(
+            (c, i, n) for c in comps for i, n in zip(c.class_indices, c.class_names, strict=True)
+        )
+    ]
+    report(1.0, "assembled")
+    return AssembledModel(
+        module=module,
+        class_names=[n for c in comps for n in c.class_names],
+        lineage=lineage,
+        spec=raw_spec,
+        form=form,
+        scaling=scaling,
+        components=comps,
+        scales=[{"scale": s.tolist(), "shift": b.tolist()} for s, b in scales],
+        sources=[(p.model, c.class_indices) for p, c in zip(parts, comps, strict=True)],
+    )
+
+
+# ---------------------------------------------------------------------------
+# The padded (block-diagonal) form
+
+
+def check_padded(parts: list[Part], comps: list[Component]) -> None:
+    first = parts[0].model
+    signature = [(n.name, n.kind, n.target) for n in first.graph.nodes]
+    for p, c in zip(parts, comps, strict=True):
+        if [(n.name, n.kind, n.target) for n in p.model.graph.nodes] != signature:
+            raise IncompatibleComponentsError(
+                "the padded form needs components of one architecture; use form 'branches'"
+            )
+        if p.model.spec != first.spec:
+            raise IncompatibleComponentsError(
+                "the padded form needs components with one input spec; use form 'branches'"
+            )
+        if c.graph.output_name != c.graph.nodes[-1].name or any(
+            n.kind == "opaque" for n in c.graph.nodes
+        ):
+            raise IncompatibleComponentsError(
+                "the padded form supports conv/linear/batch-norm/add/cat/flatten graphs only; "
+                "use form 'branches'"
+            )
+
+
+def merge_padded(comps: list[Component], scales) -> LegoGraph:
+    """Block-diagonal merge of components that share one graph structure.
+
+    pos[i][value] are the channel positions of component i inside the merged
+    value: new blocks at every conv/linear output, carried through per-channel
+    ops, concatenated at cats and expanded at flattens."""
+    g0 = comps[0].graph
+    k = len(comps)
+    pos: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    width: dict[str, int] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    nodes: list[Node] = []
+    for node in g0.nodes:
+        name = node.name
+        graphs = [c.graph for c in comps]
+        if node.kind == "input":
+            for i in range(k):
+                pos[i][name] = torch.arange(node.channels)
+            width[name] = node.channels
+        elif node.kind in ("conv", "linear"):
+            src = node.args[0].name
+            ws = [g.tensors[node.weight_key()] for g in graphs]
+            depthwise = node.kind == "conv" and node.conv_options()[3] > 1
+            if depthwise:
+                if any(w.shape[1] != 1 for w in ws):
+                    raise IncompatibleComponentsError(
+                        "grouped convs cannot be padded; use 'branches'"
+                    )
+                for i in range(k):
+                    pos[i][name] = pos[i][src]
+                width[name] = width[src]
+                merged = torch.zeros(width[name], *ws[0].shape[1:])
+                for i, w in enumerate(ws):
+                    merged[pos[i][name]] = w
+                from lego_core.disassemble import _with_groups
+
+                node = _with_groups(node, width[name])
+            else:
+                offset = 0
+                for i, w in enumerate(ws):
+                    pos[i][name] = torch.arange(offset, offset + w.shape[0])
+                    offset += w.shape[0]
+                width[name] = offset
+                merged = torch.zeros(offset, width[src], *ws[0].shape[2:])
+                for i, w in enumerate(ws):
+                    merged[pos[i][name][:, None], pos[i][src][None, :]] = w
+            tensors[node.weight_key()] = merged
+            if node.bias_key():
+                b = torch.zeros(width[name])
+                for i, g in enumerate(graphs):
+                    b[pos[i][name]] = g.tensors[node.bias_key()]
+                tensors[node.bias_key()] = b
+        elif node.kind in ("bn", "pass", "getitem", "tie"):
+            src = [r for r in node.refs() if r in width][0]
+            for i in range(k):
+                pos[i][name] = pos[i][src]
+            width[name] = width[src]
+            if node.kind == "tie":
+                a, b = [r for r in node.refs() if r in width][:2]
+                if any(not torch.equal(pos[i][a], pos[i][b]) for i in range(k)):
+                    raise IncompatibleComponentsError(
+                        "residual channels do not line up; use 'branches'"
+                    )
+            if node.kind == "bn":
+                for a in node.args[1:5]:
+                    if isinstance(a, Param):
+                        t = torch.zeros(width[name])
+                        for i, g in enumerate(graphs):
+                            t[pos[i][name]] = g.tensors[a.key]
+                        tensors[a.key] = t
+        elif node.kind == "cat":
+            offset = 0
+            for i in range(k):
+                pos[i][name] = []
+            for p in node.args[0]:
+                for i in range(k):
+                    pos[i][name].append(pos[i][p.name] + offset)
+                offset += width[p.name]
+            for i in range(k):
+                pos[i][name] = torch.cat(pos[i][name])
+            width[name] = offset
+        elif node.kind == "flatten":
+            src = node.args[0].name
+            spatial = 1
+            for d in comps[0].graph.node(src).shape[1:]:
+                spatial *= d
+            for i in range(k):
+                pos[i][name] = (
+                    pos[i][src][:, None] * spatial + torch.arange(spatial)[None]
+                ).flatten()
+            width[name] = width[src] * spatial
+        nodes.append(node)
+    out = g0.node(g0.output_name)
+    if out.kind not in ("conv", "linear"):
+        raise IncompatibleComponentsError("the padded form needs a conv or linear output layer")
+    # Fold each component's logit scale and shift into the output layer.
+    w, b_key = tensors[out.weight_key()], out.bias_key()
+    if b_key is None:
+        raise IncompatibleComponentsError("the padded form needs a bias on the output layer")
+    for i, (scale, shift) in enumerate(scales):
+        rows = pos[i][out.name]
+        w[rows] *= scale.view(-1, *([1] * (w.dim() - 1)))
+        tensors[b_key][rows] = tensors[b_key][rows] * scale + shift
+    return LegoGraph(nodes, tensors, g0.input_name, g0.output_name)
+
+
+__all__ = [
+    "FORMS",
+    "SCALING_METHODS",
+    "AssembledModel",
+    "Part",
+    "assemble",
+    "InputAdapter",
+    "to_raw",
+    "Components",
+]

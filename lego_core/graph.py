@@ -1,0 +1,604 @@
+"""The captured computation graph that every other part of lego_core works on.
+
+A classifier of any origin (a registry architecture, an uploaded state_dict, a
+torch.export ExportedProgram or a TorchScript file) is captured once with
+torch.export into an ATen-level graph. `LegoGraph` keeps that graph as a flat,
+topologically ordered list of `Node`s whose arguments reference other nodes'
+values and named parameters. The graph is executed by `GraphNet`, an
+nn.Module that calls the captured ATen ops; disassembly and assembly only swap
+the parameter tensors and a few channel-count arguments, so a pruned or merged
+network runs through the very same code path as its source.
+
+Channel semantics: every node gets a `kind` that says how it treats the channel
+axis (dim 1), which is what locating and pruning need to know:
+
+- conv / linear: the located layers; they consume one channel space and
+  produce a new one (depthwise convs pass their space through);
+- bn, pass: per-channel ops (activations, pooling, dropout, spatial means);
+- tie: element-wise binary ops between two feature maps (residual add, SE
+  multiply): both operands share one channel space;
+- cat: concatenation along channels; flatten: [B, C, H, W] -> [B, C*H*W];
+- getitem: element 0 of a tuple-valued op (e.g. batch norm variants);
+- scalar: size queries and other non-tensor values;
+- opaque: anything else. Opaque ops are executed as captured, and every
+  channel space that touches one is kept whole, which is always correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lego_core.errors import ModelFileError
+
+aten = torch.ops.aten
+
+# Per-channel unary ops: the output's channel c depends only on input channel c.
+_PASS_TARGETS = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.hardtanh.default,
+    aten.hardtanh_.default,
+    aten.relu6.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.silu_.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.hardswish.default,
+    aten.hardswish_.default,
+    aten.hardsigmoid.default,
+    aten.leaky_relu.default,
+    aten.leaky_relu_.default,
+    aten.elu.default,
+    aten.dropout.default,
+    aten.dropout_.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.max_pool2d.default,
+    aten.avg_pool2d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.adaptive_max_pool2d.default,
+    aten.max_pool2d_with_indices.default,
+    aten._adaptive_avg_pool2d.default,
+    aten.mean.dim,
+    aten.amax.default,
+    aten.sum.dim_IntList,
+    aten.mul.Scalar,
+    aten.div.Scalar,
+    aten.add.Scalar,
+    aten.sub.Scalar,
+    aten.clamp.default,
+    aten.clamp_min.default,
+    aten.alias.default,
+    aten.detach.default,
+}
+_TIE_TARGETS = {
+    aten.add.Tensor,
+    aten.add_.Tensor,
+    aten.mul.Tensor,
+    aten.mul_.Tensor,
+    aten.sub.Tensor,
+    aten.div.Tensor,
+}
+# Captured in-place ops are run out of place (readers of the mutated tensor are
+# re-pointed at the result), so executing a graph never mutates its input.
+_OUT_OF_PLACE = {
+    aten.relu_.default: aten.relu.default,
+    aten.hardtanh_.default: aten.hardtanh.default,
+    aten.silu_.default: aten.silu.default,
+    aten.hardswish_.default: aten.hardswish.default,
+    aten.leaky_relu_.default: aten.leaky_relu.default,
+    aten.dropout_.default: aten.dropout.default,
+    aten.add_.Tensor: aten.add.Tensor,
+    aten.mul_.Tensor: aten.mul.Tensor,
+}
+_FLATTEN_TARGETS = {
+    aten.flatten.using_ints,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+}
+_CONV_TARGETS = {aten.conv2d.default, aten.convolution.default}
+_BN_TARGETS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+_SKIP_TARGETS = {
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+    aten._assert_tensor_metadata.default,
+}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the value of another node."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Param:
+    """An argument that is a named parameter or buffer of the graph."""
+
+    key: str
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str
+    target: Any = None  # the ATen op; None for the input node
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    shape: tuple[int, ...] | None = None  # output shape without the batch dim; None if not a tensor
+    layer: str | None = None  # conv/linear: the layer's name (its weight key without ".weight")
+
+    def refs(self) -> list[str]:
+        """Names of the nodes whose values this node reads, in argument order."""
+        out: list[str] = []
+        _walk(self.args, lambda a: out.append(a.name) if isinstance(a, Ref) else None)
+        _walk(
+            tuple(self.kwargs.values()),
+            lambda a: out.append(a.name) if isinstance(a, Ref) else None,
+        )
+        return out
+
+    def params(self) -> list[str]:
+        out: list[str] = []
+        _walk(self.args, lambda a: out.append(a.key) if isinstance(a, Param) else None)
+        return out
+
+    @property
+    def channels(self) -> int | None:
+        return self.shape[0] if self.shape else None
+
+    # Accessors for the canonical layouts of conv / linear / bn arguments.
+    def weight_key(self) -> str:
+        return self.args[1].key
+
+    def bias_key(self) -> str | None:
+        b = self.args[2] if len(self.args) > 2 else None
+        return b.key if isinstance(b, Param) else None
+
+    def conv_options(self) -> tuple[tuple, tuple, tuple, int]:
+        """stride, padding, dilation, groups of a conv node."""
+        a = self.args
+        if self.target is aten.convolution.default:
+            return tuple(a[3]), tuple(a[4]), tuple(a[5]), int(a[8])
+        stride = tuple(a[3]) if len(a) > 3 else (1, 1)
+        padding = a[4] if len(a) > 4 else (0, 0)
+        dilation = tuple(a[5]) if len(a) > 5 else (1, 1)
+        groups = int(a[6]) if len(a) > 6 else 1
+        if isinstance(padding, str):
+            raise ModelFileError(f"conv {self.layer}: string padding '{padding}' is not supported")
+        return _pair(stride), _pair(tuple(padding)), _pair(dilation), groups
+
+
+def _pair(v) -> tuple[int, int]:
+    v = tuple(v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def _walk(obj, fn) -> None:
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            _walk(o, fn)
+    else:
+        fn(obj)
+
+
+def _map(obj, fn):
+    if isinstance(obj, list):
+        return [_map(o, fn) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map(o, fn) for o in obj)
+    return fn(obj)
+
+
+@dataclass
+class LegoGraph:
+    """A captured classifier: nodes in topological order plus named tensors."""
+
+    nodes: list[Node]
+    tensors: dict[str, torch.Tensor]
+    input_name: str
+    output_name: str
+
+    def __post_init__(self) -> None:
+        self.by_name = {n.name: n for n in self.nodes}
+        self.consumers: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for r in n.refs():
+                self.consumers[r].append(n.name)
+
+    def layers(self) -> list[Node]:
+        """The located layers (conv and linear) in execution order."""
+        return [n for n in self.nodes if n.kind in ("conv", "linear")]
+
+    def node(self, name: str) -> Node:
+        return self.by_name[name]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.by_name[self.output_name].shape[0]
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor], nodes: list[Node] | None = None):
+        return LegoGraph(nodes or self.nodes, tensors, self.input_name, self.output_name)
+
+    def param_count(self) -> int:
+        """Learnable parameters: conv/linear weights and biases, batch-norm affine."""
+        keys: set[str] = set()
+        for n in self.nodes:
+            if n.kind in ("conv", "linear"):
+                keys.add(n.weight_key())
+                if n.bias_key():
+                    keys.add(n.bias_key())
+            elif n.kind == "bn":
+                for a in n.args[1:3]:
+                    if isinstance(a, Param):
+                        keys.add(a.key)
+        return sum(self.tensors[k].numel() for k in keys)
+
+
+class GraphNet(nn.Module):
+    """Executes a LegoGraph. Optionally calls `hook(node, input_value)` before
+    every located layer, which is how contributions are collected."""
+
+    def __init__(self, graph: LegoGraph):
+        super().__init__()
+        self.graph = graph
+        self._buffer_names: dict[str, str] = {}
+        for i, (key, t) in enumerate(graph.tensors.items()):
+            name = f"t{i}"
+            self.register_buffer(name, t, persistent=True)
+            self._buffer_names[key] = name
+        self.hook = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, Any] = {self.graph.input_name: x}
+        hook = self.hook
+
+        def resolve(a):
+            if isinstance(a, Ref):
+                return env[a.name]
+            if isinstance(a, Param):
+                return getattr(self, self._buffer_names[a.key])
+            return a
+
+        for node in self.graph.nodes:
+            if node.kind == "input":
+                continue
+            if hook is not None and node.kind in ("conv", "linear"):
+                hook(node, env[node.args[0].name])
+            if node.kind == "flatten":
+                env[node.name] = torch.flatten(env[node.args[0].name], 1)
+                continue
+            args = _map(node.args, resolve)
+            kwargs = {k: _map(v, resolve) for k, v in node.kwargs.items()}
+            env[node.name] = node.target(*args, **kwargs)
+        return env[self.graph.output_name]
+
+
+# ---------------------------------------------------------------------------
+# Capture
+
+
+_unpickle_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _refuse_unpickling():
+    """torch.export.load falls back to full unpickling for some archive members;
+    an uploaded file must never run code, so force weights_only there."""
+    import pickle
+
+    from torch.export.pt2_archive import _package
+
+    real_load = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    class _NoPickle:
+        def __getattr__(self, name):
+            if name in ("loads", "load"):
+                raise ModelFileError("the exported program contains pickled objects")
+            return getattr(pickle, name)
+
+    with _unpickle_lock:
+        torch.load = safe_load
+        real_pickle = _package.pickle
+        _package.pickle = _NoPickle()
+        real_c_load = torch._C._pickle_load_obj
+        torch._C._pickle_load_obj = lambda *a, **k: (_ for _ in ()).throw(
+            ModelFileError("the exported program contains pickled objects")
+        )
+        try:
+            yield
+        finally:
+            torch.load = real_load
+            _package.pickle = real_pickle
+            torch._C._pickle_load_obj = real_c_load
+
+
+def load_exported_program(path) -> torch.export.ExportedProgram:
+    """Reads a torch.export archive without ever unpickling arbitrary objects."""
+    try:
+        with _refuse_unpickling():
+            return torch.export.load(path)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not an exported program"
+        raise ModelFileError(f"not a readable torch.export program: {_short(exc)}") from None
+
+
+def load_torchscript_program(path, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """Reads a TorchScript file (its own safe format) and converts it to an
+    ExportedProgram, so it joins the same graph path as everything else."""
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"not a readable TorchScript file: {_short(exc)}") from None
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        with torch.no_grad():
+            return TS2EPConverter(module.eval(), (example,)).convert()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"TorchScript model could not be captured: {_short(exc)}") from None
+
+
+def export_module(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch dimension."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    try:
+        with torch.no_grad():
+            return torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(
+            f"model could not be captured with torch.export: {_short(exc)}"
+        ) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Tensor) -> LegoGraph:
+    """Turns a module or an ExportedProgram into a LegoGraph and classifies its
+    nodes by running it once on `example` (a batch of normalised inputs)."""
+    if isinstance(program, nn.Module):
+        program = export_module(program, example)
+    gm = program.module()
+    nodes: list[Node] = []
+    tensors: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}  # fx node name -> our value name (in-place ops rebind)
+    input_name = output_name = None
+
+    def convert_arg(a):
+        if isinstance(a, torch.fx.Node):
+            return Ref(alias.get(a.name, a.name))
+        return a
+
+    for fx in gm.graph.nodes:
+        if fx.op == "get_attr":
+            t = _get_attr(gm, fx.target)
+            if not isinstance(t, torch.Tensor):
+                raise ModelFileError(f"unsupported attribute '{fx.target}' in the graph")
+            tensors[fx.target] = t.detach().clone()
+            alias[fx.name] = f"@{fx.target}"
+        elif fx.op == "placeholder":
+            if input_name is not None:
+                raise ModelFileError("the model must take exactly one image tensor input")
+            input_name = fx.name
+            nodes.append(Node(fx.name, "input"))
+        elif fx.op == "call_module":
+            continue  # torch.export's guard function; it checks shapes only
+        elif fx.op == "call_function":
+            if fx.target in _SKIP_TARGETS:
+                continue
+            args = _map(tuple(fx.args), convert_arg)
+            kwargs = {k: _map(v, convert_arg) for k, v in fx.kwargs.items()}
+            args = _map(
+                args,
+                lambda a: Param(a.name[1:]) if isinstance(a, Ref) and a.name.startswith("@") else a,
+            )
+            kwargs = {
+                k: _map(
+                    v,
+                    lambda a: (
+                        Param(a.name[1:]) if isinstance(a, Ref) and a.name.startswith("@") else a
+                    ),
+                )
+                for k, v in kwargs.items()
+            }
+            target = _OUT_OF_PLACE.get(fx.target, fx.target)
+            node = Node(fx.name, "pending", target, args, kwargs)
+            nodes.append(node)
+            if fx.target in _OUT_OF_PLACE and fx.args and isinstance(fx.args[0], torch.fx.Node):
+                # Later readers of the mutated tensor must see the result.
+                alias[fx.args[0].name] = fx.name
+        elif fx.op == "output":
+            outs = fx.args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+            if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
+                raise ModelFileError("the model must return exactly one logits tensor")
+            output_name = alias.get(outs[0].name, outs[0].name)
+    if input_name is None or output_name is None:
+        raise ModelFileError("the graph has no input or no output")
+    graph = LegoGraph(nodes, tensors, input_name, output_name)
+    _prune_dead_nodes(graph)
+    graph = LegoGraph(graph.nodes, tensors, input_name, output_name)
+    _classify(graph, example)
+    return graph
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _prune_dead_nodes(graph: LegoGraph) -> None:
+    needed = {graph.output_name}
+    for n in reversed(graph.nodes):
+        if n.name in needed:
+            needed.update(n.refs())
+    graph.nodes[:] = [n for n in graph.nodes if n.name in needed or n.kind == "input"]
+    used = {k for n in graph.nodes for k in n.params()}
+    for k in list(graph.tensors):
+        if k not in used:
+            del graph.tensors[k]
+
+
+def _classify(graph: LegoGraph, example: torch.Tensor) -> None:
+    """Runs the graph once to learn every value's shape, then sets node kinds."""
+    values: dict[str, Any] = {}
+
+    def record(node: Node, value) -> None:
+        values[node.name] = value
+        node.shape = (
+            tuple(value.shape[1:]) if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+        )
+
+    net = GraphNet(graph)
+    env_probe: dict[str, Any] = {graph.input_name: example}
+
+    def resolve(a):
+        if isinstance(a, Ref):
+            return env_probe[a.name]
+        if isinstance(a, Param):
+            return graph.tensors[a.key]
+        return a
+
+    with torch.no_grad():
+        record(graph.node(graph.input_name), example)
+        for node in graph.nodes:
+            if node.kind == "input":
+                continue
+            args = _map(node.args, resolve)
+            kwargs = {k: _map(v, resolve) for k, v in node.kwargs.items()}
+            try:
+                out = node.target(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelFileError(
+                    f"the model does not run on inputs of shape {tuple(example.shape[1:])}: "
+                    f"{_short(exc)}"
+                ) from None
+            env_probe[node.name] = out
+            if isinstance(out, (tuple, list)):
+                values[node.name] = out
+                first = out[0] if out and isinstance(out[0], torch.Tensor) else None
+                node.shape = tuple(first.shape[1:]) if first is not None else None
+            else:
+                record(node, out)
+    del net
+
+    param_users: dict[str, int] = {}
+    for n in graph.nodes:
+        for k in n.params():
+            param_users[k] = param_users.get(k, 0) + 1
+
+    batch = example.shape[0]
+    for node in graph.nodes:
+        if node.kind == "input":
+            continue
+        node.kind = _kind_of(node, graph, values, param_users, batch)
+        if node.kind in ("conv", "linear"):
+            key = node.weight_key()
+            node.layer = key[: -len(".weight")] if key.endswith(".weight") else key
+    out = graph.node(graph.output_name)
+    if out.shape is None or len(out.shape) != 1:
+        raise ModelFileError("the model must return logits of shape [batch, classes]")
+
+
+def _kind_of(node: Node, graph: LegoGraph, values, param_users, batch: int) -> str:
+    t = node.target
+    out = values.get(node.name)
+    tensor_refs = [r for r in node.refs() if isinstance(values.get(r), torch.Tensor)]
+    if not isinstance(out, torch.Tensor) and not isinstance(out, (tuple, list)):
+        return "scalar"
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] != batch:
+        return "opaque"
+
+    def own_params_ok(*positions) -> bool:
+        for p in positions:
+            arg = node.args[p] if p < len(node.args) else None
+            if isinstance(arg, Param) and param_users[arg.key] != 1:
+                return False
+        return True
+
+    if t in _CONV_TARGETS:
+        a = node.args
+        if (
+            isinstance(a[0], Ref)
+            and isinstance(a[1], Param)
+            and own_params_ok(1, 2)
+            and (len(a) <= 2 or a[2] is None or isinstance(a[2], Param))
+            and graph.tensors[a[1].key].dim() == 4
+            and not (t is aten.convolution.default and (a[6] or any(a[7])))
+        ):
+            return "conv"
+        return "opaque"
+    if t is aten.linear.default:
+        a = node.args
+        if (
+            isinstance(a[0], Ref)
+            and isinstance(a[1], Param)
+            and own_params_ok(1, 2)
+            and (len(a) <= 2 or a[2] is None or isinstance(a[2], Param))
+            and values[a[0].name].dim() == 2
+        ):
+            return "linear"
+        return "opaque"
+    if t in _BN_TARGETS:
+        if all(isinstance(a, Param) or a is None for a in node.args[1:5]) and own_params_ok(
+            1, 2, 3, 4
+        ):
+            return "bn"
+        return "opaque"
+    if t is operator.getitem:
+        return "getitem" if node.args[1] == 0 else "opaque"
+    if t is aten.cat.default:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = node.args[0]
+        if dim in (1, -out.dim() + 1) and all(isinstance(p, Ref) for p in parts):
+            return "cat"
+        return "opaque"
+    if t in _FLATTEN_TARGETS and len(tensor_refs) == 1:
+        src = values[tensor_refs[0]]
+        if src.dim() >= 2 and out.dim() == 2 and out.shape[1] == src[0].numel():
+            return "flatten"
+        return "opaque"
+    if t in _TIE_TARGETS:
+        if len(tensor_refs) == 2 and not node.params():
+            a, b = (values[r] for r in tensor_refs)
+            if a.dim() == b.dim() == out.dim() and a.shape[1] == b.shape[1] == out.shape[1]:
+                return "tie"
+        if len(tensor_refs) == 1 and not node.params():
+            return "pass"  # tensor with a Python scalar
+        return "opaque"
+    if t in _PASS_TARGETS and tensor_refs and not node.params():
+        src = values[tensor_refs[0]]
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if src.dim() >= 2 and first.dim() >= 2 and first.shape[1] == src.shape[1]:
+            if t in (aten.mean.dim, aten.amax.default, aten.sum.dim_IntList):
+                dims = node.args[1] if len(node.args) > 1 else []
+                dims = [
+                    d % src.dim() for d in (dims if isinstance(dims, (list, tuple)) else [dims])
+                ]
+                if 0 in dims or 1 in dims:
+                    return "opaque"
+            return "pass"
+    return "opaque"
