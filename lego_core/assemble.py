@@ -19,11 +19,20 @@ in one argmax:
 - "reference": the public reference code's rule. For each class, the mean
   winning logit over its calibration samples that the component classifies
   correctly; the class's logit is multiplied by 1 / mean.
-- "calibrated" (default): "reference", then one additive offset per component,
-  chosen to maximise the assembled model's accuracy on the calibration samples
-  of all components (an exact 1-D sweep per component, a few rounds of
-  coordinate ascent). No weights are trained: two numbers per class and one per
-  component are set from data the components were located on.
+- "calibrated": "reference", then one additive offset per class, chosen to
+  maximise the assembled model's accuracy on the calibration samples of all
+  components (exact 1-D sweeps, a few rounds of coordinate ascent).
+- "discriminant" (default): "reference", then a closed-form linear
+  discriminant on the concatenated logits (class means and a shrunk shared
+  covariance of the calibration samples' logits; score_k = mu_k' S^-1 z -
+  mu_k' S^-1 mu_k / 2). Unlike the per-class rules it lets one component's
+  logits speak about another's classes, which is what separates a digit that
+  a 0-4 model has never seen from its own classes. It is fitted, not trained:
+  no gradient step, no component weight changes; it adds a C x C map after
+  the concatenated logits.
+
+None of these train a weight of any component: they are set from samples of
+the data the components were located on.
 
 Calibration samples of a part are drawn from its locating dataset: the
 located (most confident) samples plus up to `calibration_per_class` others per
@@ -46,9 +55,10 @@ from lego_core.locate import Components
 from lego_core.model import SourceModel
 from lego_core.spec import InputSpec
 
-SCALING_METHODS = ("calibrated", "reference", "none")
+SCALING_METHODS = ("discriminant", "calibrated", "reference", "none")
 FORMS = ("branches", "padded")
-DEFAULT_SCALING = "calibrated"
+DEFAULT_SCALING = "discriminant"
+DISCRIMINANT_SHRINKAGE = 0.1
 
 Progress = Callable[[float, str], None]
 
@@ -120,6 +130,19 @@ class BranchesNet(nn.Module):
         return torch.cat([b(x) for b in self.branches], 1)
 
 
+class LogitMixer(nn.Module):
+    """A fixed linear map on the assembled logits (the discriminant method)."""
+
+    def __init__(self, inner: nn.Module, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("weight", weight.float().clone())
+        self.register_buffer("bias", bias.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.inner(x), self.weight, self.bias)
+
+
 class PaddedNet(nn.Module):
     """One block-diagonal network (the paper's form) behind one adapter."""
 
@@ -146,6 +169,7 @@ class AssembledModel:
     components: list[Component] = field(default_factory=list)
     scales: list[dict] = field(default_factory=list)
     sources: list[tuple[SourceModel, list[int]]] = field(default_factory=list)
+    mixer: list | None = None  # [weight, bias] of the discriminant map, if any
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -292,7 +316,8 @@ def compute_scales(
     parts: list[Part], comps: list[Component], raw_spec: InputSpec, method: str, per_class: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if method == "none":
-        return [(torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))) for c in comps]
+        ones = [(torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))) for c in comps]
+        return ones, None
     missing = [p.source_id or p.model.name for p in parts if p.data is None]
     if missing:
         raise LegoError(f"scaling '{method}' needs the locating dataset of {missing}")
@@ -316,12 +341,28 @@ def compute_scales(
         scales.append(reference_scales(z[own], y[own] - starts, n))
         starts += n
     shifts = [torch.zeros(len(c.class_names)) for c in comps]
+    scaled = torch.cat([z * s for z, s in zip(raw_logits, scales, strict=True)], 1)
+    mixer = None
     if method == "calibrated":
-        scaled = torch.cat([z * s for z, s in zip(raw_logits, scales, strict=True)], 1)
-        shifts = list(
-            torch.split(calibrate_offsets(scaled, y), [len(c.class_names) for c in comps])
-        )
-    return list(zip(scales, shifts, strict=True))
+        offsets = calibrate_offsets(scaled, y)
+        shifts = list(torch.split(offsets, [len(c.class_names) for c in comps]))
+    elif method == "discriminant":
+        mixer = linear_discriminant(scaled, y)
+    return list(zip(scales, shifts, strict=True)), mixer
+
+
+def linear_discriminant(z: torch.Tensor, labels: torch.Tensor, shrinkage=DISCRIMINANT_SHRINKAGE):
+    """Closed-form LDA on logits: returns (W, b) with scores = z @ W.T + b."""
+    z = z.double()
+    c = z.shape[1]
+    mu = torch.stack([z[labels == k].mean(0) for k in range(c)])
+    centred = z - mu[labels]
+    cov = centred.T @ centred / max(1, z.shape[0] - c)
+    ridge = cov.diagonal().mean().clamp(min=1e-12)
+    cov = (1 - shrinkage) * cov + shrinkage * ridge * torch.eye(c, dtype=z.dtype)
+    weight = mu @ torch.linalg.inv(cov)
+    bias = -0.5 * (weight * mu).sum(1)
+    return weight.float(), bias.float()
 
 
 def assemble(
@@ -345,7 +386,7 @@ def assemble(
     if form == "padded":
         check_padded(parts, comps)
     report(0.4, "scaling")
-    scales = compute_scales(parts, comps, raw_spec, scaling, calibration_per_class)
+    scales, mixer = compute_scales(parts, comps, raw_spec, scaling, calibration_per_class)
     report(0.7, "assembling")
     if form == "branches":
         module = BranchesNet(
@@ -353,6 +394,8 @@ def assemble(
         )
     else:
         module = PaddedNet(merge_padded(comps, scales), raw_spec, comps[0].spec)
+    if mixer is not None:
+        module = LogitMixer(module, *mixer)
     module.eval()
     lineage = [
         {"source": c.source, "class_index": int(i), "class_name": n, "position": pos}
@@ -370,6 +413,7 @@ def assemble(
         scaling=scaling,
         components=comps,
         scales=[{"scale": s.tolist(), "shift": b.tolist()} for s, b in scales],
+        mixer=[t.tolist() for t in mixer] if mixer is not None else None,
         sources=[(p.model, c.class_indices) for p, c in zip(parts, comps, strict=True)],
     )
 

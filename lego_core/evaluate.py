@@ -24,7 +24,7 @@ def count_flops(model, spec: InputSpec | None = None) -> int:
     a multiply-add counts as two)."""
     if spec is None:
         spec = model.spec
-    module = model.net() if hasattr(model, "net") else model
+    module = model if isinstance(model, nn.Module) else model.net()
     x = torch.zeros(1, *spec.shape)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(x)

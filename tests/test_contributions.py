@@ -1,0 +1,93 @@
+"""The fast contribution form against the slow per-position oracle (MDA section 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lego_core.contributions import conv_contributions, linear_contributions, tap_sums
+
+
+def slow_conv_contributions(x, weight, stride, padding, dilation, groups):
+    """Oracle: for every (q, p), convolve input channel p with kernel c_{q,p}
+    alone, sum over all output positions, clamp at zero. [B, Q, P / groups]."""
+    q_total, pg = weight.shape[:2]
+    qg = q_total // groups
+    out = torch.zeros(x.shape[0], q_total, pg, dtype=torch.float64)
+    for q in range(q_total):
+        g = q // qg
+        for j in range(pg):
+            p = g * pg + j
+            part = F.conv2d(
+                x[:, p : p + 1].double(),
+                weight[q : q + 1, j : j + 1].double(),
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+            )
+            out[:, q, j] = part.sum((1, 2, 3)).clamp(min=0)
+    return out
+
+
+@pytest.mark.parametrize(
+    "channels,out_channels,kernel,stride,padding,dilation,groups,size",
+    [
+        (3, 5, 3, 1, 1, 1, 1, 9),
+        (4, 6, 3, 2, 1, 1, 1, 11),
+        (4, 4, 3, 1, 2, 2, 1, 10),
+        (6, 6, 3, 2, 1, 1, 3, 12),  # grouped
+        (5, 5, 3, 1, 1, 1, 5, 8),  # depthwise
+        (3, 4, (5, 3), (2, 1), (2, 0), (1, 2), 1, 13),  # non-square everything
+        (2, 3, 1, 1, 0, 1, 1, 7),  # 1x1
+        (3, 2, 4, 3, 0, 1, 1, 14),  # stride larger than the padding, uneven coverage
+    ],
+)
+def test_fast_conv_contributions_equal_the_oracle(
+    channels, out_channels, kernel, stride, padding, dilation, groups, size
+):
+    g = torch.Generator().manual_seed(0)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    x = torch.randn(4, channels, size, size + 1, generator=g)
+    w = torch.randn(out_channels, channels // groups, kh, kw, generator=g)
+    fast = conv_contributions(x, w, pair(stride), pair(padding), pair(dilation), groups).double()
+    slow = slow_conv_contributions(x, w, pair(stride), pair(padding), pair(dilation), groups)
+    assert fast.shape == slow.shape
+    rel = (fast - slow).abs().max() / slow.abs().max()
+    assert rel < 1e-4
+    assert (slow > 0).any() and (slow == 0).any()  # the clamp is exercised
+
+
+def test_tap_sums_match_unfold():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 10, 9, generator=g)
+    s = tap_sums(x, (3, 3), (2, 2), (1, 1), (1, 1))
+    cols = F.unfold(x, 3, dilation=1, padding=1, stride=2)  # [B, P*K, L]
+    assert torch.allclose(s, cols.view(2, 3, 9, -1).sum(-1), atol=1e-5)
+
+
+def test_fast_linear_contributions_equal_the_oracle():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(5, 7, generator=g), torch.randn(4, 7, generator=g)
+    slow = torch.stack(
+        [torch.stack([(w[q] * x[b]).clamp(min=0) for q in range(4)]) for b in range(5)]
+    )
+    assert torch.allclose(linear_contributions(x, w), slow, atol=1e-6)
+
+
+def test_non_negative_linear_shortcut_equals_per_sample_sum():
+    """For inputs after a ReLU, sum_b max(w a_b, 0) = max(w, 0) * sum_b a_b."""
+    from lego_core.contributions import ContributionAccumulator
+    from lego_core.graph import Node, Param, Ref
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 5, generator=g).relu(), torch.randn(3, 5, generator=g)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    node = Node("fc", "linear", None, (Ref("x"), Param("fc.weight")), layer="fc")
+    acc = ContributionAccumulator(2)
+    acc.labels = labels
+    acc.add(node, x, w)
+    per_sample = linear_contributions(x, w).double()
+    expected = torch.stack([per_sample[labels == c].sum(0) for c in range(2)])
+    assert torch.allclose(acc.sums["fc"], expected, atol=1e-9)

@@ -1,0 +1,214 @@
+"""Locating and disassembly (MDA sections 3-4) on real models and data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import DIGITS
+from lego_core import (
+    CIFAR10_SPEC,
+    MNIST_SPEC,
+    Components,
+    ModelFileError,
+    UnknownClassError,
+    accuracy_on,
+    build_model,
+    disassemble,
+    load_source_model,
+    locate,
+    source_from_module,
+)
+
+
+def keep_everything(model) -> Components:
+    """Components whose masks keep every channel of every layer."""
+    masks = {
+        c: {
+            n.layer: torch.ones(model.graph.node(n.args[0].name).channels, dtype=torch.bool)
+            for n in model.graph.layers()
+        }
+        for c in range(len(model.class_names))
+    }
+    return Components(
+        class_names=model.class_names,
+        layers=[n.layer for n in model.graph.layers()],
+        masks=masks,
+        selected={c: torch.zeros(0, dtype=torch.long) for c in masks},
+        parameters={},
+    )
+
+
+class ResidualConcatNet(nn.Module):
+    """An architecture the registry does not know: a residual add, a concat,
+    a depthwise conv and functional ops."""
+
+    def __init__(self, num_classes: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.side = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(12 * 8 * 8, 32)
+        self.out = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        a = F.relu(self.bn(self.stem(x)))
+        b = F.relu(self.body(a)) + a
+        b = F.relu(self.depthwise(b))
+        c = torch.cat([b, self.side(b)], 1)
+        c = F.max_pool2d(c, 4)
+        return self.out(F.relu(self.head(c.view(c.size(0), -1))))
+
+
+def _randomise_bn(module: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(5)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return module.eval()
+
+
+@pytest.mark.parametrize(
+    "arch,spec",
+    [
+        ("lenet", MNIST_SPEC),
+        ("plain_cnn", CIFAR10_SPEC),
+        ("vgg11_bn", CIFAR10_SPEC),
+        ("resnet18", CIFAR10_SPEC),
+        ("googlenet", CIFAR10_SPEC),
+        ("mobilenet_v2", CIFAR10_SPEC),
+    ],
+)
+def test_full_masks_reproduce_the_source_logits(arch, spec):
+    torch.manual_seed(0)
+    module = _randomise_bn(build_model(arch, 10, spec))
+    model = source_from_module(module, spec, DIGITS, arch)
+    classes = [7, 2, 4]
+    comp = disassemble(model, keep_everything(model), classes)
+    x = torch.randn(3, *spec.shape)
+    with torch.no_grad():
+        expected = module(x)[:, classes]
+        got = comp.net()(x)
+    assert comp.class_names == ["7", "2", "4"]
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _check_unknown_architecture(model, module):
+    comp = disassemble(model, keep_everything(model), [5, 0])
+    x = torch.randn(4, *CIFAR10_SPEC.shape)
+    with torch.no_grad():
+        assert torch.allclose(comp.net()(x), module(x)[:, [5, 0]], rtol=1e-4, atol=1e-5)
+    kinds = {n.kind for n in model.graph.nodes}
+    assert {"tie", "cat", "flatten", "conv", "linear", "bn"} <= kinds
+
+
+def test_unknown_architecture_from_an_exported_program(tmp_path):
+    torch.manual_seed(0)
+    module = _randomise_bn(ResidualConcatNet())
+    program = torch.export.export(module, (torch.randn(2, *CIFAR10_SPEC.shape),))
+    path = tmp_path / "net.pt2"
+    torch.export.save(program, path)
+    names = [f"c{i}" for i in range(6)]
+    model = load_source_model(path, "exported", names, CIFAR10_SPEC)
+    _check_unknown_architecture(model, module)
+
+
+def test_unknown_architecture_from_torchscript(tmp_path):
+    torch.manual_seed(0)
+    module = _randomise_bn(ResidualConcatNet())
+    path = tmp_path / "net.ts"
+    torch.jit.save(torch.jit.script(module), str(path))
+    names = [f"c{i}" for i in range(6)]
+    model = load_source_model(path, "torchscript", names, CIFAR10_SPEC)
+    _check_unknown_architecture(model, module)
+
+
+def test_bad_files_and_classes_give_one_line_errors(tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ModelFileError, match="not a readable torch.export"):
+        load_source_model(junk, "exported", ["a", "b"], CIFAR10_SPEC)
+    program = torch.export.export(ResidualConcatNet().eval(), (torch.randn(2, 3, 32, 32),))
+    path = tmp_path / "net.pt2"
+    torch.export.save(program, path)
+    with pytest.raises(ModelFileError, match="outputs 6 classes but 2 class names"):
+        load_source_model(path, "exported", ["a", "b"], CIFAR10_SPEC)
+    with pytest.raises(ModelFileError, match="does not run on inputs"):
+        load_source_model(path, "exported", [str(i) for i in range(6)], MNIST_SPEC)
+    model = load_source_model(path, "exported", [str(i) for i in range(6)], CIFAR10_SPEC)
+    with pytest.raises(UnknownClassError, match="unknown class 'cat'"):
+        model.class_indices(["cat"])
+    with pytest.raises(UnknownClassError, match="out of range"):
+        model.class_indices([6])
+
+
+@pytest.fixture(scope="module")
+def located_lenet(lenet_mnist, mnist_train):
+    model = source_from_module(lenet_mnist, MNIST_SPEC, DIGITS, "lenet", "lenet-mnist")
+    return model, locate(model, mnist_train)
+
+
+def _task_images(data, task):
+    rows = torch.isin(data.labels, torch.tensor(task))
+    return data.subset(torch.nonzero(rows).flatten())
+
+
+@pytest.mark.parametrize("task,allowed_drop", [([0, 1, 2], 0.0), ([3, 4, 5, 6, 7, 8, 9], 0.5)])
+def test_component_keeps_base_accuracy_with_fewer_parameters(
+    located_lenet, mnist_test, task, allowed_drop
+):
+    model, components = located_lenet
+    images = _task_images(mnist_test, task)
+    base = accuracy_on(model.net(), images, DIGITS, MNIST_SPEC)["accuracy"]
+    comp = disassemble(model, components, task)
+    names = [DIGITS[c] for c in task]
+    component = accuracy_on(comp.net(), images, names, MNIST_SPEC)["accuracy"]
+    assert component >= base - allowed_drop, (task, base, component)
+    assert comp.graph.param_count() < model.graph.param_count()
+
+
+def test_summary_reports_channels_params_and_flops(located_lenet):
+    model, components = located_lenet
+    summary = components.summary()
+    assert set(summary) == set(DIGITS)
+    row = summary["0"]
+    assert row["samples"] == 50
+    assert 0 < row["params"] < model.graph.param_count()
+    assert row["flops"] > 0
+    for layer, (kept, total) in row["layers"].items():
+        assert 0 <= kept <= total, layer
+    # the first conv always reads its image channel
+    assert row["layers"][components.layers[0]] == [1, 1]
+
+
+def test_four_shards_give_the_same_masks_as_one_pass(lenet_mnist, mnist_train):
+    model = source_from_module(lenet_mnist, MNIST_SPEC, DIGITS, "lenet")
+    one = locate(model, mnist_train, with_stats=False)
+    four = locate(model, mnist_train, shards=4, with_stats=False)
+    assert one.layers == four.layers
+    for c in one.masks:
+        for layer in one.layers:
+            assert torch.equal(one.masks[c][layer], four.masks[c][layer]), (c, layer)
+
+
+def test_components_round_trip_through_a_file(located_lenet, tmp_path):
+    _, components = located_lenet
+    path = tmp_path / "components.pt"
+    components.save(path)
+    loaded = Components.load(path)
+    assert loaded.summary() == components.summary()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_stricter_thresholds_give_smaller_components(lenet_mnist, mnist_train):
+    model = source_from_module(lenet_mnist, MNIST_SPEC, DIGITS, "lenet")
+    loose = locate(model, mnist_train, alpha=0.1, beta=0.1, with_stats=False)
+    strict = locate(model, mnist_train, alpha=0.6, beta=0.5, with_stats=False)
+    small = disassemble(model, strict, [0, 1, 2]).graph.param_count()
+    large = disassemble(model, loose, [0, 1, 2]).graph.param_count()
+    assert small < large
