@@ -176,11 +176,10 @@ class AssembledModel:
 
     @property
     def params(self) -> int:
-        return (
-            sum(c.graph.param_count() for c in self.components)
-            if self.form == "branches"
-            else (self.module.net.graph.param_count())
-        )
+        if self.form == "branches":
+            return sum(c.graph.param_count() for c in self.components)
+        padded = self.module.inner if isinstance(self.module, LogitMixer) else self.module
+        return padded.net.graph.param_count()
 
 
 def raw_spec_for(specs: list[InputSpec]) -> InputSpec:

@@ -6,7 +6,8 @@ inside, and returns logits. Its class names, input spec and lineage travel in
 the archive as the extra file `lego.json`. A process with only torch loads it:
 
     extra = {"lego.json": ""}
-    program = torch.export.load("model.pt", extra_files=extra)
+    with open("model.pt", "rb") as f:
+        program = torch.export.load(f, extra_files=extra)
     meta = json.loads(extra["lego.json"])
     logits = program.module()(images)   # images: [B, C, H, W] floats in [0, 1]
 
@@ -56,8 +57,10 @@ def export_model(assembled, path: str | Path) -> dict:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     os.close(fd)
     try:
-        torch.export.save(program, tmp, extra_files={META_FILE: json.dumps(meta)})
-        with open(tmp, "rb+") as f:
+        # Written through a file object: torch.export wants a ".pt2" name for paths.
+        with open(tmp, "wb") as f:
+            torch.export.save(program, f, extra_files={META_FILE: json.dumps(meta)})
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -97,8 +100,8 @@ def load_exported_program_with_meta(path, extra: dict):
     from lego_core.graph import _refuse_unpickling
 
     try:
-        with _refuse_unpickling():
-            return torch.export.load(path, extra_files=extra)
+        with _refuse_unpickling(), open(path, "rb") as f:
+            return torch.export.load(f, extra_files=extra)
     except ModelFileError:
         raise
     except Exception as exc:  # noqa: BLE001

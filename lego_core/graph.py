@@ -333,8 +333,8 @@ def _refuse_unpickling():
 def load_exported_program(path) -> torch.export.ExportedProgram:
     """Reads a torch.export archive without ever unpickling arbitrary objects."""
     try:
-        with _refuse_unpickling():
-            return torch.export.load(path)
+        with _refuse_unpickling(), open(path, "rb") as f:
+            return torch.export.load(f)
     except ModelFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not an exported program"

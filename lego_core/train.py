@@ -66,8 +66,15 @@ def train(
     model.to(target).train()
     steps_per_epoch = -(-len(data) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25
+    total = epochs * steps_per_epoch
+    # OneCycleLR divides by its phase lengths, which must be at least one step
+    # each; runs of fewer than 4 steps keep a constant rate.
+    schedule = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total, pct_start=max(0.25, 2.0 / total)
+        )
+        if total >= 4
+        else None
     )
     show = progress and sys.stderr.isatty()
     for epoch in range(epochs):
@@ -82,7 +89,8 @@ def train(
         for step in bar:
             index = order[step * batch_size : (step + 1) * batch_size]
             if len(index) < 2 and step > 0:
-                schedule.step()  # BatchNorm cannot train on a batch of one
+                if schedule is not None:
+                    schedule.step()  # BatchNorm cannot train on a batch of one
                 continue
             images = data.images[index]
             if augment:
@@ -93,7 +101,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
             if show and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()

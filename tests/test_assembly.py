@@ -168,7 +168,8 @@ def test_exported_model_predicts_the_same_in_a_bare_process(halves, six_digits, 
         """
         import json, sys, torch
         extra = {"lego.json": ""}
-        program = torch.export.load(sys.argv[1], extra_files=extra)
+        with open(sys.argv[1], "rb") as f:
+            program = torch.export.load(f, extra_files=extra)
         meta = json.loads(extra["lego.json"])
         x = torch.load(sys.argv[2], weights_only=True)
         pred = program.module()(x).argmax(1).tolist()

@@ -212,3 +212,23 @@ def test_stricter_thresholds_give_smaller_components(lenet_mnist, mnist_train):
     small = disassemble(model, strict, [0, 1, 2]).graph.param_count()
     large = disassemble(model, loose, [0, 1, 2]).graph.param_count()
     assert small < large
+
+
+def test_decision_routes_picture_shows_every_layer(located_lenet):
+    import xml.etree.ElementTree as ET
+
+    from lego_core import render_routes, route_table
+
+    model, components = located_lenet
+    svg = render_routes(model, components, ["0", "1"])
+    root = ET.fromstring(svg)
+    assert root.tag.endswith("svg")
+    text = " ".join(t.text or "" for t in root.iter() if t.tag.endswith("text"))
+    for layer in components.layers:
+        assert layer in text
+    assert "0 only" in text and "1 only" in text and "shared" in text
+    table = route_table(model, components, ["0", "1"])
+    first_linear = next(r for r in table if r["channels"] == 400)
+    assert first_linear["per_class"]["0"] == int(components.masks[0][first_linear["layer"]].sum())
+    with pytest.raises(UnknownClassError):
+        render_routes(model, components, ["eleven"])
