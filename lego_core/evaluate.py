@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lego_core.data import normalize
 from lego_core.errors import DatasetError
 from lego_core.spec import InputSpec
 
@@ -35,10 +36,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _normalise(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 @torch.no_grad()
@@ -55,7 +52,7 @@ def predict_labels(
     preds = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start : start + batch_size]
-        x = _normalise(batch, spec) if spec is not None else batch.float() / 255.0
+        x = normalize(batch, spec) if spec is not None else batch.float() / 255.0
         logits = forward(x)
         if restrict is not None:
             logits = logits[:, restrict]

@@ -13,6 +13,7 @@ import torch
 
 from lego_core.channels import backward_masks
 from lego_core.contributions import ContributionAccumulator, add_sums
+from lego_core.data import normalize
 from lego_core.errors import DatasetError, LegoError
 from lego_core.model import SourceModel
 
@@ -131,10 +132,6 @@ class Components:
 # ---------------------------------------------------------------------------
 
 
-def _normalise(images: torch.Tensor, spec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 def class_mapping(model: SourceModel, data) -> torch.Tensor:
@@ -183,7 +180,7 @@ def select_samples(
         ok = lab >= 0
         if not bool(ok.any()):
             continue
-        probs = torch.softmax(net(_normalise(data.images[idx[ok]], model.spec)), 1)
+        probs = torch.softmax(net(normalize(data.images[idx[ok]], model.spec)), 1)
         scores[idx[ok]] = probs.gather(1, lab[ok][:, None]).squeeze(1)
         if progress:
             progress(min(n, start + batch_size) / n, "selecting samples")
@@ -247,7 +244,7 @@ def contribution_sums(
     n = indices.numel()
     for start in range(0, n, CONTRIBUTION_BATCH):
         acc.labels = labels[start : start + CONTRIBUTION_BATCH]
-        net(_normalise(data.images[indices[start : start + CONTRIBUTION_BATCH]], model.spec))
+        net(normalize(data.images[indices[start : start + CONTRIBUTION_BATCH]], model.spec))
         if progress:
             progress(min(n, start + CONTRIBUTION_BATCH) / n, "computing contributions")
     return acc.sums
