@@ -91,10 +91,10 @@ class ContributionAccumulator:
             q, p = weight.shape
             if acc is None:
                 acc = self.sums[node.layer] = torch.zeros(
-                    self.num_classes, q, p, dtype=torch.float64
+                    self.num_classes, q, p, dtype=torch.float64, device=x.device
                 )
             if bool((x >= 0).all()):
-                per_class = torch.zeros(self.num_classes, p, dtype=torch.float64)
+                per_class = torch.zeros(self.num_classes, p, dtype=torch.float64, device=x.device)
                 per_class.index_add_(0, labels, x.double())
                 acc += weight.clamp(min=0).double()[None] * per_class[:, None, :]
                 return
@@ -106,7 +106,9 @@ class ContributionAccumulator:
         stride, padding, dilation, groups = node.conv_options()
         q, pg = weight.shape[:2]
         if acc is None:
-            acc = self.sums[node.layer] = torch.zeros(self.num_classes, q, pg, dtype=torch.float64)
+            acc = self.sums[node.layer] = torch.zeros(
+                self.num_classes, q, pg, dtype=torch.float64, device=x.device
+            )
         step = max(1, _BLOCK_ELEMENTS // max(1, q * pg * 4))
         for i in range(0, x.shape[0], step):
             part = conv_contributions(x[i : i + step], weight, stride, padding, dilation, groups)

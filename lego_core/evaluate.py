@@ -36,8 +36,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-
-
 @torch.no_grad()
 def predict_labels(
     forward: Callable[[torch.Tensor], torch.Tensor],

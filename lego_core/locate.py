@@ -132,8 +132,6 @@ class Components:
 # ---------------------------------------------------------------------------
 
 
-
-
 def class_mapping(model: SourceModel, data) -> torch.Tensor:
     """Maps each dataset label to the model's class index (-1: not a model class)."""
     mapping = torch.full((len(data.class_names),), -1, dtype=torch.long)
@@ -163,6 +161,7 @@ def select_samples(
     samples_per_class: int = DEFAULT_SAMPLES_PER_CLASS,
     batch_size: int = 256,
     progress: Progress | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[int, torch.Tensor]:
     """MDA section 1: for each model class present in the data, the indices of
     the `samples_per_class` samples with the highest true-class probability."""
@@ -170,7 +169,7 @@ def select_samples(
         raise LegoError("samples_per_class must be at least 1")
     _check_data_spec(model, data)
     mapping = class_mapping(model, data)
-    net = model.net()
+    net = model.net().to(device)
     labels = mapping[data.labels]
     scores = torch.full((len(data),), -1.0)
     n = len(data)
@@ -180,7 +179,8 @@ def select_samples(
         ok = lab >= 0
         if not bool(ok.any()):
             continue
-        probs = torch.softmax(net(normalize(data.images[idx[ok]], model.spec)), 1)
+        x = normalize(data.images[idx[ok]].to(device), model.spec)
+        probs = torch.softmax(net(x), 1).cpu()
         scores[idx[ok]] = probs.gather(1, lab[ok][:, None]).squeeze(1)
         if progress:
             progress(min(n, start + batch_size) / n, "selecting samples")
@@ -227,15 +227,18 @@ def contribution_sums(
     indices: torch.Tensor,
     labels: torch.Tensor,
     progress: Progress | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """MDA section 2: R_c[l] = sum over class c's samples of the clamped
     relative contributions, for every located layer l. `indices` are dataset
     rows, `labels` their model class indices. Returns {layer: [num_model_classes,
     Q, P / groups] float64}; additive over samples."""
     _check_data_spec(model, data)
-    net = model.net()
+    net = model.net().to(device)
     acc = ContributionAccumulator(len(model.class_names))
-    weights = {n.layer: model.graph.tensors[n.weight_key()] for n in model.graph.layers()}
+    weights = {
+        n.layer: model.graph.tensors[n.weight_key()].to(device) for n in model.graph.layers()
+    }
 
     def hook(node, x):
         acc.add(node, x, weights[node.layer])
@@ -243,11 +246,12 @@ def contribution_sums(
     net.hook = hook
     n = indices.numel()
     for start in range(0, n, CONTRIBUTION_BATCH):
-        acc.labels = labels[start : start + CONTRIBUTION_BATCH]
-        net(normalize(data.images[indices[start : start + CONTRIBUTION_BATCH]], model.spec))
+        acc.labels = labels[start : start + CONTRIBUTION_BATCH].to(device)
+        batch = data.images[indices[start : start + CONTRIBUTION_BATCH]].to(device)
+        net(normalize(batch, model.spec))
         if progress:
             progress(min(n, start + CONTRIBUTION_BATCH) / n, "computing contributions")
-    return acc.sums
+    return {layer: r.cpu() for layer, r in acc.sums.items()}
 
 
 def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -311,16 +315,18 @@ def locate(
     shards: int = 1,
     progress: Progress | None = None,
     with_stats: bool = True,
+    device: str | torch.device = "cpu",
 ) -> Components:
     """Locates the component of every model class that the dataset has.
 
     `shards` > 1 computes the contribution sums over that many disjoint parts
-    of the selected samples and adds them, as distributed workers would."""
+    of the selected samples and adds them, as distributed workers would.
+    `device` runs the forward passes there (e.g. "cuda"); results are on the CPU."""
     alpha_d = _per_kind(alpha, DEFAULT_ALPHA, "alpha")
     beta_d = _per_kind(beta, DEFAULT_BETA, "beta")
     report = progress or (lambda f, m: None)
     selected = select_samples(
-        model, data, samples_per_class, progress=lambda f, m: report(0.5 * f, m)
+        model, data, samples_per_class, progress=lambda f, m: report(0.5 * f, m), device=device
     )
     sums: dict[str, torch.Tensor] = {}
     plan = shard_plan(selected, shards)
@@ -331,6 +337,7 @@ def locate(
             idx,
             lab,
             progress=lambda f, m, k=k: report(0.5 + 0.35 * (k + f) / len(plan), m),
+            device=device,
         )
         sums = add_sums(sums, part)
     classes = sorted(selected)

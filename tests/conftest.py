@@ -9,8 +9,6 @@ import torch
 from lego_core import MNIST_SPEC, build_model, load_image_folder, shared_data_dir
 from lego_core.train import train
 
-DIGITS = [str(i) for i in range(10)]
-
 
 @pytest.fixture(scope="session")
 def data_dir():
@@ -47,7 +45,7 @@ def lenet_halves(data_dir):
     """Two LeNets: digits 0-4 (seed 1) and digits 5-9 (seed 2), with their
     training data."""
     out = []
-    for digits, seed in ((DIGITS[:5], 1), (DIGITS[5:], 2)):
+    for digits, seed in (([str(i) for i in range(5)], 1), ([str(i) for i in range(5, 10)], 2)):
         data = load_image_folder(
             data_dir / "mnist-train.tar.gz", MNIST_SPEC, classes=digits, progress=False
         )

@@ -1,0 +1,1 @@
+"""The HTTP service of Model LEGO: FastAPI app, catalog, storage, settings, CLI."""

@@ -1,0 +1,177 @@
+"""The `lego` command: serve, worker, keys, migrate (+ lego_core's algorithm commands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from app.settings import Settings, get_settings
+
+
+def _log_setup(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def _migrate(settings: Settings) -> None:
+    from app.catalog import upgrade
+
+    upgrade(settings.resolved_database_url)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.auth import any_key, create_key, ensure_key
+    from app.catalog import get_catalog
+    from app.main import create_app
+
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    _log_setup()
+    _migrate(settings)
+    catalog = get_catalog(settings.resolved_database_url)
+    if settings.bootstrap_api_key:
+        ensure_key(catalog, settings.bootstrap_api_key, "bootstrap", settings.bootstrap_owner)
+    fresh = None
+    if settings.embedded_broker and not any_key(catalog):
+        with catalog.session() as s:
+            fresh = create_key(s, "default", settings.bootstrap_owner)
+    mode = (
+        "embedded (SQLite/local storage, in-process job runner)"
+        if settings.embedded_broker and not settings.database_url
+        else ("in-process job runner" if settings.embedded_broker else "full stack (Celery)")
+    )
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"Model LEGO API: http://{shown}:{port}  (docs: http://{shown}:{port}/docs)")
+    print(
+        f"Mode: {mode}; catalog {catalog.engine.url.render_as_string(hide_password=True)}; "
+        f"artifacts {settings.resolved_storage_dir}"
+    )
+    if fresh:
+        print(f"API key (created now, shown once): {fresh}")
+        print(f"  try: curl -H 'Authorization: Bearer {fresh}' http://{shown}:{port}/api/v1/models")
+    sys.stdout.flush()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if settings.embedded_broker:
+        print(
+            "lego worker needs LEGO_BROKER_URL (e.g. redis://localhost:6379/0); without a "
+            "broker, `lego serve` runs the jobs itself.",
+            file=sys.stderr,
+        )
+        return 2
+    _log_setup(args.loglevel)
+    _migrate(settings)
+
+    from worker.celery_app import celery, send
+    from worker.runtime import Env, Reaper
+
+    Reaper(Env.from_settings(settings), lambda job_id: send(settings, job_id)).start()
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        f"--concurrency={args.concurrency or settings.worker_concurrency}",
+        f"--queues={args.queues or settings.worker_queues}",
+        f"--pool={args.pool}",
+        f"--hostname=lego-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    celery.worker_main(argv)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from app.auth import create_key, list_keys, revoke_key
+    from app.catalog import get_catalog
+
+    settings = get_settings()
+    _migrate(settings)
+    catalog = get_catalog(settings.resolved_database_url)
+    with catalog.session() as s:
+        if args.keys_cmd == "create":
+            print(create_key(s, args.name, args.owner))
+        elif args.keys_cmd == "revoke":
+            n = revoke_key(s, args.key)
+            if not n:
+                print(f"no active key matches {args.key!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {n} key(s)")
+        else:
+            for k in list_keys(s):
+                state = "revoked" if k.revoked_at else "active"
+                print(f"{k.id}\t{k.name}\towner={k.owner}\t{k.prefix}...\t{state}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.catalog import current_revision, downgrade, upgrade
+
+    url = get_settings().resolved_database_url
+    if args.downgrade:
+        downgrade(url, args.downgrade)
+    else:
+        upgrade(url, args.revision)
+    print(f"catalog at revision {current_revision(url)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lego", description="Model LEGO as a service")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP API (applies migrations first)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run a Celery worker (full stack; applies migrations)")
+    w.add_argument("--concurrency", type=int, default=None)
+    w.add_argument("--queues", default=None, help="comma-separated (default LEGO_WORKER_QUEUES)")
+    w.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"))
+    w.add_argument("--loglevel", default="INFO")
+    w.set_defaults(func=cmd_worker)
+
+    k = sub.add_parser("keys", help="API keys")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="create a key and print it")
+    kc.add_argument("name")
+    kc.add_argument("--owner", default=None, help="whose resources it sees (default: NAME)")
+    kr = ksub.add_parser("revoke", help="revoke by key, id, name or prefix")
+    kr.add_argument("key")
+    ksub.add_parser("list", help="list keys (never the keys themselves)")
+    k.set_defaults(func=cmd_keys)
+
+    m = sub.add_parser("migrate", help="apply catalog migrations")
+    m.add_argument("--revision", default="head")
+    m.add_argument("--downgrade", default=None, metavar="REV", help="downgrade to REV instead")
+    m.set_defaults(func=cmd_migrate)
+
+    try:
+        from lego_core.cli import add_commands
+    except ImportError:
+        add_commands = None
+    if add_commands is not None:
+        add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Error handling: bad input is a 4xx with a message, never a 500.
+
+- lego_core's LegoError (a file that is not a model, an unknown class, ...) -> 422
+- images that cannot be decoded -> 422
+- bodies over the configured limits -> 413 (checked while the body streams in)
+- the catalog unreachable -> 503
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+
+from app.predict import ImageError
+from app.settings import Settings
+from app.storage import UploadTooLarge
+
+log = logging.getLogger("lego.api")
+
+
+def install_handlers(app: FastAPI) -> None:
+    from lego_core.errors import LegoError
+
+    @app.exception_handler(LegoError)
+    async def lego_error(_request: Request, exc: LegoError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(ImageError)
+    async def image_error(_request: Request, exc: ImageError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(UploadTooLarge)
+    async def too_large(_request: Request, exc: UploadTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
+
+    @app.exception_handler(OperationalError)
+    async def db_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("catalog error: %s", exc)
+        return JSONResponse({"detail": "the catalog database is unavailable"}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over the limit of their route, before they are read.
+
+    The declared Content-Length is checked first; the streamed body is counted
+    too (chunked uploads), and reading stops at the limit.
+    """
+
+    SLACK = 1024 * 1024  # room for the form fields beside the file
+
+    def __init__(self, app, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def limit_for(self, method: str, path: str) -> int:
+        s = self.settings
+        if method == "POST" and path.rstrip("/") == "/api/v1/models":
+            return s.max_model_bytes + self.SLACK
+        if method == "POST" and path.rstrip("/") == "/api/v1/datasets":
+            return s.max_dataset_bytes + self.SLACK
+        return s.max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["method"], scope["path"])
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = JSONResponse(
+                {
+                    "detail": f"request body of {int(declared)} bytes is over the limit of "
+                    f"{limit} bytes"
+                },
+                status_code=413,
+            )
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)

@@ -1,0 +1,241 @@
+"""Assemblies: new classifiers from chosen classes of several models; download; predict."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+from sqlalchemy import select
+from starlette.datastructures import UploadFile
+
+from app import adapters
+from app.auth import current_owner
+from app.catalog import ACTIVE_STATES, Assembly, AssemblySource, ComponentSet, Dataset, Model
+from app.predict import b64decode_image, decode_image, predict
+from app.routers.common import drop_artifacts, owned, resolve_classes, unprocessable
+from app.schemas import AssemblyIn, AssemblyOut, PredictIn, PredictOut
+from app.services import Services, services
+from worker.runtime import create_job
+from worker.tasks import locate_jobs_for, no_components_reason
+
+router = APIRouter(prefix="/api/v1", tags=["assemblies"])
+Owner = Annotated[str, Depends(current_owner)]
+Svc = Annotated[Services, Depends(services)]
+TopK = Annotated[int, Query(ge=1, le=1000, description="classes per image")]
+
+
+def check_options(body: AssemblyIn) -> dict:
+    import lego_core
+
+    opts = body.options.model_dump(exclude_none=True)
+    for key, allowed in (("scaling", "SCALING_METHODS"), ("form", "FORMS")):
+        valid = getattr(lego_core, allowed, None)
+        if key in opts and valid is not None and opts[key] not in valid:
+            raise unprocessable(
+                f"options.{key}: {opts[key]!r} is not one of {', '.join(map(str, valid))}"
+            )
+    return opts
+
+
+@router.post("/assemblies", status_code=202, response_model=AssemblyOut)
+def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc):
+    opts = check_options(body)
+    with svc.catalog.session() as s:
+        planned, rows, seen = [], [], set()
+        for n, src in enumerate(body.source_classes):
+            m = owned(s, Model, src.model_id, owner, "model")
+            if m.id in seen:
+                raise unprocessable(
+                    f"source_classes[{n}]: model {m.id} is listed twice; "
+                    "give all its classes in one entry"
+                )
+            seen.add(m.id)
+            indices = resolve_classes(m.class_names, src.classes, f"model {m.id}")
+            if src.component_set_id is not None:
+                cs = s.get(ComponentSet, src.component_set_id)
+                if cs is None or cs.model_id != m.id:
+                    raise HTTPException(
+                        404, f"component set {src.component_set_id} of model {m.id} not found"
+                    )
+            elif not m.component_sets and not locate_jobs_for(s, owner, m.id, active=True):
+                raise unprocessable(no_components_reason(s, owner, m.id))
+            names = [m.class_names[i] for i in indices]
+            rows.append(
+                AssemblySource(
+                    position=n,
+                    model_id=m.id,
+                    class_indices=indices,
+                    class_names=names,
+                    component_set_id=src.component_set_id,
+                )
+            )
+            planned += [
+                {
+                    "index": len(planned) + k,
+                    "name": c,
+                    "source_model_id": m.id,
+                    "source_model_name": m.name,
+                    "source_class": c,
+                    "source_class_index": i,
+                }
+                for k, (i, c) in enumerate(zip(indices, names, strict=True))
+            ]
+        for ds_id in body.eval_dataset_ids:
+            owned(s, Dataset, ds_id, owner, "dataset")
+        name = (
+            body.name or " + ".join(f"{r.model_id}:{','.join(r.class_names)}" for r in rows)[:200]
+        )
+        a = Assembly(
+            owner=owner,
+            name=name,
+            options=opts,
+            eval_dataset_ids=list(body.eval_dataset_ids),
+            classes=planned,
+        )
+        a.sources = rows
+        s.add(a)
+        s.flush()
+        job = create_job(s, owner, "assemble", {"assembly_id": a.id}, svc.settings.job_max_attempts)
+        a.job_id, a.job = job.id, job
+        s.flush()
+        out = AssemblyOut.of(a)
+    svc.dispatch(out.job_id)
+    return out
+
+
+@router.get("/assemblies", response_model=list[AssemblyOut])
+def list_assemblies(owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        rows = s.scalars(select(Assembly).where(Assembly.owner == owner).order_by(Assembly.id))
+        return [AssemblyOut.of(a) for a in rows]
+
+
+@router.get("/assemblies/{assembly_id}", response_model=AssemblyOut)
+def get_assembly(assembly_id: int, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        return AssemblyOut.of(owned(s, Assembly, assembly_id, owner, "assembly"))
+
+
+@router.delete("/assemblies/{assembly_id}", status_code=204)
+def delete_assembly(assembly_id: int, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        a = owned(s, Assembly, assembly_id, owner, "assembly")
+        if a.job is not None and a.job.status in ACTIVE_STATES:
+            raise HTTPException(409, f"assembly {a.id} is {a.job.status}; wait until it ends")
+        sha = a.artifact_sha256
+        s.delete(a)
+        s.flush()
+        drop_artifacts(s, svc.storage, {sha} if sha else set())
+    return Response(status_code=204)
+
+
+def finished_artifact(svc: Services, owner: str, assembly_id: int) -> tuple[str, str]:
+    with svc.catalog.session() as s:
+        a = owned(s, Assembly, assembly_id, owner, "assembly")
+        status = a.job.status if a.job else "failed"
+        if status != "succeeded" or not a.artifact_sha256:
+            raise HTTPException(409, f"assembly {a.id} is {status}, not succeeded")
+        return a.artifact_sha256, a.name
+
+
+@router.get(
+    "/assemblies/{assembly_id}/download",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_assembly(assembly_id: int, owner: Owner, svc: Svc):
+    sha, name = finished_artifact(svc, owner, assembly_id)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "assembly"
+    return FileResponse(
+        svc.storage.require(sha),
+        media_type="application/octet-stream",
+        filename=f"assembly-{assembly_id}-{safe}.pt",
+    )
+
+
+def classifier(svc: Services, sha: str):
+    return svc.models.get(
+        sha, lambda: adapters.load_classifier(adapters.named_path(svc.storage, sha, ".pt"))
+    )
+
+
+def run_predict(svc: Services, sha: str, blobs: list[bytes], top_k: int) -> PredictOut:
+    if len(blobs) > svc.settings.max_predict_images:
+        raise HTTPException(
+            413,
+            f"{len(blobs)} images is over the limit of {svc.settings.max_predict_images} a request",
+        )
+    model = classifier(svc, sha)
+    tensors = [
+        decode_image(b, model.spec, svc.settings.max_image_pixels, i) for i, b in enumerate(blobs)
+    ]
+    return PredictOut(predictions=predict(model, tensors, top_k, svc.settings.predict_batch_size))
+
+
+@router.get("/assemblies/{assembly_id}/predict", response_model=PredictOut)
+def predict_get(
+    assembly_id: int,
+    owner: Owner,
+    svc: Svc,
+    image: Annotated[str, Query(description="base64url PNG or JPEG")],
+    top_k: TopK = 3,
+):
+    sha, _ = finished_artifact(svc, owner, assembly_id)
+    return run_predict(svc, sha, [b64decode_image(image)], top_k)
+
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["images"],
+                }
+            },
+            "application/json": {"schema": PredictIn.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post(
+    "/assemblies/{assembly_id}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
+)
+async def predict_post(assembly_id: int, request: Request, owner: Owner, svc: Svc, top_k: TopK = 3):
+    sha, _ = await run_in_threadpool(finished_artifact, svc, owner, assembly_id)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    blobs: list[bytes] = []
+    if ctype == "multipart/form-data":
+        limit = svc.settings.max_predict_images
+        async with request.form(max_files=limit + 1, max_fields=limit + 10) as form:
+            items = form.getlist("images")
+            if not items:
+                raise unprocessable("images: send one or more files in the `images` field")
+            for i, item in enumerate(items):
+                if isinstance(item, UploadFile):
+                    blobs.append(await item.read())
+                else:
+                    blobs.append(b64decode_image(item, i))
+    elif ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            body = PredictIn.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise unprocessable(
+                f'body must be {{"images": [base64, ...]}}: {exc.errors()[0]["msg"]}'
+            ) from None
+        blobs = [b64decode_image(x, i) for i, x in enumerate(body.images)]
+        top_k = body.top_k or top_k
+    else:
+        raise HTTPException(
+            415, 'send multipart/form-data with `images` files, or JSON {"images": [base64, ...]}'
+        )
+    return await run_in_threadpool(run_predict, svc, sha, blobs, top_k)

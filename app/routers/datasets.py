@@ -1,0 +1,149 @@
+"""Datasets: ImageFolder archives (tar, tar.gz, zip) of `<class>/<image>`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile
+from sqlalchemy import select
+
+from app import adapters
+from app.auth import current_owner
+from app.catalog import ACTIVE_STATES, Assembly, ComponentSet, Dataset, Job
+from app.routers.common import drop_artifacts, owned, save_upload, unprocessable
+from app.schemas import DatasetOut
+from app.services import Services, services
+
+router = APIRouter(prefix="/api/v1", tags=["datasets"])
+Owner = Annotated[str, Depends(current_owner)]
+Svc = Annotated[Services, Depends(services)]
+
+
+def sniff_archive(path: Path) -> str | None:
+    """The archive kind from its first bytes: .tar.gz, .zip, .tar, or None."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:2] == b"\x1f\x8b":
+        return ".tar.gz"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return ".zip"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return ".tar"
+    return None
+
+
+def server_side_path(svc: Services, rel: str) -> Path:
+    root = svc.settings.data_dir
+    if root is None:
+        raise unprocessable("path: server-side datasets are not enabled (set LEGO_DATA_DIR)")
+    root = root.resolve()
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root) or not p.is_file():
+        raise unprocessable(f"path: {rel!r} is not an archive in the server's data directory")
+    return p
+
+
+def _inspect(path: Path, limits, label: str) -> dict[str, int]:
+    from lego_core import inspect_image_folder
+    from lego_core.errors import DatasetError, LegoError
+
+    try:
+        return inspect_image_folder(path, limits)
+    except LegoError as exc:  # name the user's file, not our temp file
+        raise type(exc)(str(exc).replace(path.name, label)) from None
+    except Exception as exc:  # a broken archive makes tarfile/zipfile raise anything
+        raise DatasetError(f"archive: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetOut)
+def upload_dataset(
+    owner: Owner,
+    svc: Svc,
+    name: Annotated[str, Form(min_length=1, max_length=200)],
+    archive: Annotated[
+        UploadFile | None, File(description="ImageFolder tar, tar.gz or zip")
+    ] = None,
+    path: Annotated[
+        str | None, Form(description="instead of `archive`: an archive under LEGO_DATA_DIR")
+    ] = None,
+):
+    if (archive is None) == (path is None):
+        raise unprocessable("send either an `archive` file or a server-side `path`")
+    storage = svc.storage
+    label = (archive.filename if archive is not None else path) or "archive"
+    if archive is not None:
+        tmp = save_upload(storage, archive, svc.settings.max_dataset_bytes, "archive")
+    else:
+        src = server_side_path(svc, path)
+        if src.stat().st_size > svc.settings.max_dataset_bytes:
+            raise HTTPException(
+                413, f"path: {path!r} is over the limit of {svc.settings.max_dataset_bytes} bytes"
+            )
+        with open(src, "rb") as f:
+            tmp = storage.put_stream(f)
+    try:
+        suffix = sniff_archive(tmp)
+        if suffix is None:
+            raise unprocessable("archive: not a tar, tar.gz or zip file")
+        named = tmp.with_name(tmp.name + suffix)
+        os.replace(tmp, named)
+        tmp = named
+        counts = _inspect(tmp, adapters.archive_limits(svc.settings), label)
+        if not counts:
+            raise unprocessable("archive: no class folders with images found")
+        sha, size = storage.store_file(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        with svc.catalog.session() as s:
+            d = Dataset(
+                owner=owner,
+                name=name,
+                classes={str(k): int(v) for k, v in counts.items()},
+                archive_sha256=sha,
+                archive_bytes=size,
+                archive_suffix=suffix,
+            )
+            s.add(d)
+            s.flush()
+            return DatasetOut.of(d)
+    except BaseException:
+        with svc.catalog.session() as s:
+            drop_artifacts(s, storage, {sha})
+        raise
+
+
+@router.get("/datasets", response_model=list[DatasetOut])
+def list_datasets(owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        rows = s.scalars(select(Dataset).where(Dataset.owner == owner).order_by(Dataset.id))
+        return [DatasetOut.of(d) for d in rows]
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: int, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        return DatasetOut.of(owned(s, Dataset, dataset_id, owner, "dataset"))
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: int, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        d = owned(s, Dataset, dataset_id, owner, "dataset")
+        if s.scalar(select(ComponentSet.id).where(ComponentSet.dataset_id == d.id).limit(1)):
+            raise HTTPException(
+                409, f"dataset {d.id} holds located components; delete their models first"
+            )
+        evals = s.scalars(select(Assembly).where(Assembly.owner == owner))
+        if any(d.id in (a.eval_dataset_ids or []) for a in evals):
+            raise HTTPException(409, f"dataset {d.id} is an evaluation set of an assembly")
+        jobs = s.scalars(select(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATES)))
+        if any((j.payload or {}).get("dataset_id") == d.id for j in jobs):
+            raise HTTPException(409, f"dataset {d.id} is used by a job in progress")
+        sha = d.archive_sha256
+        s.delete(d)
+        s.flush()
+        drop_artifacts(s, svc.storage, {sha})
+    return Response(status_code=204)

@@ -1,0 +1,242 @@
+"""Source models: register, list, inspect, delete, locate components, draw routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
+from sqlalchemy import select
+
+from app import adapters
+from app.auth import current_owner
+from app.catalog import AssemblySource, ComponentSet, Dataset, Job, Model
+from app.routers.common import (
+    drop_artifacts,
+    owned,
+    parse_json_field,
+    resolve_classes,
+    save_upload,
+    unprocessable,
+)
+from app.schemas import Accepted, ComponentSetOut, ComponentsOut, JobOut, LocateIn, ModelOut
+from app.services import Services, services
+from worker.runtime import create_job
+from worker.tasks import locate_jobs_for
+
+router = APIRouter(prefix="/api/v1", tags=["models"])
+Owner = Annotated[str, Depends(current_owner)]
+Svc = Annotated[Services, Depends(services)]
+
+
+def parse_class_names(raw: str) -> list[str]:
+    names = parse_json_field(raw, "class_names")
+    if not isinstance(names, list) or not names:
+        raise unprocessable("class_names must be a non-empty JSON list of class names")
+    out = []
+    for n in names:
+        if isinstance(n, bool) or not isinstance(n, str | int) or not str(n).strip():
+            raise unprocessable(f"class_names: {n!r} is not a class name (a non-empty string)")
+        out.append(str(n))
+    dup = sorted({n for n in out if out.count(n) > 1})
+    if dup:
+        raise unprocessable(f"class_names lists {', '.join(map(repr, dup))} more than once")
+    return out
+
+
+def check_locate_input(m: Model, ds: Dataset) -> None:
+    if not set(m.class_names) & set(ds.classes):
+        raise unprocessable(
+            f"dataset {ds.id} has none of model {m.id}'s classes "
+            f"(model: {', '.join(m.class_names[:10])}; dataset: {', '.join(list(ds.classes)[:10])})"
+        )
+
+
+def start_locate(svc: Services, s, owner: str, m: Model, ds: Dataset, body: LocateIn) -> Job:
+    check_locate_input(m, ds)
+    payload = {
+        "model_id": m.id,
+        "dataset_id": ds.id,
+        "samples_per_class": body.samples_per_class,
+        "alpha": body.alpha,
+        "beta": body.beta,
+    }
+    return create_job(s, owner, "locate", payload, svc.settings.job_max_attempts)
+
+
+@router.post("/models", status_code=201, response_model=ModelOut)
+def register_model(
+    owner: Owner,
+    svc: Svc,
+    weights: Annotated[
+        UploadFile, File(description="state_dict .pt, ExportedProgram or TorchScript file")
+    ],
+    name: Annotated[str, Form(min_length=1, max_length=200)],
+    arch: Annotated[str, Form(description="registry architecture, 'exported' or 'torchscript'")],
+    class_names: Annotated[str, Form(description='JSON list, e.g. ["cat", "dog"]')],
+    input_spec: Annotated[str, Form(description='JSON {"channels","height","width","mean","std"}')],
+    dataset_id: Annotated[int | None, Form(description="locate on this dataset at once")] = None,
+):
+    names = parse_class_names(class_names)
+    spec = adapters.input_spec(parse_json_field(input_spec, "input_spec"))
+    arches = adapters.known_arches()
+    if arch not in arches:
+        raise unprocessable(f"unknown arch {arch!r}; use one of {', '.join(arches)}")
+    ds = None
+    if dataset_id is not None:
+        with svc.catalog.session() as s:
+            ds = owned(s, Dataset, dataset_id, owner, "dataset")
+
+    tmp = save_upload(
+        svc.storage,
+        weights,
+        svc.settings.max_model_bytes,
+        "weights",
+        adapters.weights_suffix(arch),
+    )
+    try:
+        from lego_core.errors import LegoError, ModelFileError
+
+        label = weights.filename or "weights"
+        try:
+            adapters.load_source(tmp, arch, names, spec)
+        except LegoError as exc:  # name the user's file, not our temp file
+            raise type(exc)(str(exc).replace(tmp.name, label)) from None
+        except Exception as exc:  # whatever a broken file makes torch raise
+            raise ModelFileError(f"{label}: cannot be read as {arch}: {exc}") from None
+        sha, size = svc.storage.store_file(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    try:
+        with svc.catalog.session() as s:
+            m = Model(
+                owner=owner,
+                name=name,
+                arch=arch,
+                class_names=names,
+                input_spec=spec.to_dict(),
+                weights_sha256=sha,
+                weights_bytes=size,
+            )
+            s.add(m)
+            s.flush()
+            job = None
+            if ds is not None:
+                job = start_locate(svc, s, owner, m, ds, LocateIn(dataset_id=ds.id))
+            s.flush()
+            out = ModelOut.of(m, job.id if job else None)
+    except BaseException:
+        with svc.catalog.session() as s:
+            drop_artifacts(s, svc.storage, {sha})
+        raise
+    if job is not None:
+        svc.dispatch(job.id)
+    return out
+
+
+@router.get("/models", response_model=list[ModelOut])
+def list_models(owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        rows = s.scalars(select(Model).where(Model.owner == owner).order_by(Model.id))
+        return [ModelOut.of(m) for m in rows]
+
+
+@router.get("/models/{model_id}", response_model=ModelOut)
+def get_model(model_id: int, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        return ModelOut.of(owned(s, Model, model_id, owner, "model"))
+
+
+@router.delete("/models/{model_id}", status_code=204)
+def delete_model(model_id: int, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        m = owned(s, Model, model_id, owner, "model")
+        users = s.scalars(
+            select(AssemblySource.assembly_id).where(AssemblySource.model_id == m.id).distinct()
+        ).all()
+        if users:
+            raise HTTPException(
+                409,
+                f"model {m.id} is used by assemblies {', '.join(map(str, users))}; "
+                "delete those first",
+            )
+        if locate_jobs_for(s, owner, m.id, active=True):
+            raise HTTPException(409, f"model {m.id} has a locate job in progress")
+        shas = {m.weights_sha256} | {c.artifact_sha256 for c in m.component_sets}
+        s.delete(m)
+        s.flush()
+        drop_artifacts(s, svc.storage, shas)
+    return Response(status_code=204)
+
+
+@router.post("/models/{model_id}/locate", status_code=202, response_model=Accepted)
+def locate_components(model_id: int, body: LocateIn, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        m = owned(s, Model, model_id, owner, "model")
+        ds = owned(s, Dataset, body.dataset_id, owner, "dataset")
+        job = start_locate(svc, s, owner, m, ds, body)
+        s.flush()
+        out = Accepted(job_id=job.id, job=JobOut.of(job))
+    svc.dispatch(out.job_id)
+    return out
+
+
+@router.get("/models/{model_id}/components", response_model=ComponentsOut)
+def list_components(model_id: int, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        m = owned(s, Model, model_id, owner, "model")
+        sets = []
+        for c in sorted(m.component_sets, key=lambda c: c.id, reverse=True):
+            ds = s.get(Dataset, c.dataset_id)
+            sets.append(ComponentSetOut.of(c, ds.name if ds else None))
+        pending = [j.id for j in locate_jobs_for(s, owner, m.id, active=True)]
+        return ComponentsOut(
+            model_id=m.id,
+            classes=sets[0].classes if sets else [],
+            component_sets=sets,
+            pending_job_ids=pending,
+        )
+
+
+@router.get(
+    "/models/{model_id}/routes.svg",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}}},
+)
+def routes_svg(
+    model_id: int,
+    owner: Owner,
+    svc: Svc,
+    classes: Annotated[
+        str | None, Query(description="comma-separated class names or indices (default: all)")
+    ] = None,
+    component_set_id: int | None = None,
+):
+    with svc.catalog.session() as s:
+        m = owned(s, Model, model_id, owner, "model")
+        if component_set_id is not None:
+            cs = s.get(ComponentSet, component_set_id)
+            if cs is None or cs.model_id != m.id:
+                raise HTTPException(404, f"component set {component_set_id} not found")
+        else:
+            cs = m.component_sets[-1] if m.component_sets else None
+        if cs is None:
+            raise HTTPException(
+                409,
+                f"model {m.id} has no located components yet; "
+                f"POST /api/v1/models/{m.id}/locate first",
+            )
+        s.expunge(m)
+        sha = cs.artifact_sha256
+    wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else []
+    indices = (
+        resolve_classes(m.class_names, wanted, f"model {m.id}")
+        if wanted
+        else list(range(len(m.class_names)))
+    )
+    from lego_core import Components, render_routes
+
+    source = adapters.load_model(svc.storage, m)
+    comps = Components.load(svc.storage.require(sha))
+    svg = render_routes(source, comps, indices)
+    return Response(svg, media_type="image/svg+xml")

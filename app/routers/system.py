@@ -1,0 +1,55 @@
+"""Health, readiness and Prometheus metrics (no API key needed)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from app import metrics
+from app.services import Services, services
+
+router = APIRouter(tags=["system"])
+Svc = Annotated[Services, Depends(services)]
+
+
+@router.get("/healthz")
+def healthz():
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+def _checks(svc: Services) -> dict[str, dict]:
+    checks: dict[str, dict] = {}
+    try:
+        svc.catalog.ping()
+        checks["database"] = {"ok": True, "detail": svc.catalog.engine.dialect.name}
+    except Exception as exc:
+        checks["database"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    ok, detail = svc.broker_ok()
+    checks["broker"] = {"ok": ok, "detail": detail[:300]}
+    try:
+        svc.storage.check_writable()
+        checks["storage"] = {"ok": True, "detail": str(svc.storage.root)}
+    except OSError as exc:
+        checks["storage"] = {"ok": False, "detail": f"{exc}"[:300]}
+    return checks
+
+
+@router.get("/readyz")
+async def readyz(svc: Svc):
+    """Database, broker and storage reachable: 200, else 503 with what failed."""
+    checks = await run_in_threadpool(_checks, svc)
+    ready = all(c["ok"] for c in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics")
+async def prometheus(svc: Svc):
+    body, ctype = await run_in_threadpool(metrics.render, svc.catalog)
+    return Response(body, media_type=ctype)

@@ -1,0 +1,304 @@
+"""Request and response bodies of the HTTP API (and their conversion from catalog rows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.catalog import Assembly, ComponentSet, Dataset, Job, Model
+
+# --------------------------------------------------------------------------- requests
+
+
+class LocateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: int
+    samples_per_class: int | None = Field(None, ge=1, le=100_000)
+    alpha: float | dict[str, float] | None = Field(
+        None, description='a number in [0, 1) or {"conv": x, "linear": y}'
+    )
+    beta: float | dict[str, float] | None = Field(
+        None, description='a number in [0, 1) or {"conv": x, "linear": y}'
+    )
+
+    @field_validator("alpha", "beta")
+    @classmethod
+    def _threshold(cls, v):
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if isinstance(v, dict) and set(v) - {"conv", "linear"}:
+            raise ValueError("keys must be 'conv' and/or 'linear'")
+        if any(not 0.0 <= x < 1.0 for x in values):
+            raise ValueError("must be in [0, 1)")
+        return v
+
+
+class SourceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: int
+    classes: list[int | str] = Field(min_length=1)
+    component_set_id: int | None = Field(
+        None, description="Which located components to use (default: the latest)."
+    )
+
+
+class OptionsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scaling: str | None = None
+    form: str | None = Field(None, description="branches or padded")
+
+
+class AssemblyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_classes: list[SourceIn] = Field(min_length=1)
+    name: str | None = Field(None, max_length=200)
+    eval_dataset_ids: list[int] = Field(default_factory=list)
+    options: OptionsIn = Field(default_factory=OptionsIn)
+
+
+class PredictIn(BaseModel):
+    images: list[str] = Field(min_length=1, description="base64 (or base64url) PNG/JPEG images")
+    top_k: int | None = Field(None, ge=1, le=1000)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    status: str
+    progress: float
+    message: str
+    error: str | None
+    attempts: int
+    max_attempts: int
+    worker: str | None = Field(None, description="host:pid that ran (or runs) it")
+    result: dict[str, Any] | None
+    model_id: int | None = None
+    assembly_id: int | None = None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+    @classmethod
+    def of(cls, j: Job) -> JobOut:
+        p = j.payload or {}
+        return cls(
+            id=j.id,
+            kind=j.kind,
+            status=j.status,
+            progress=j.progress,
+            message=j.message,
+            error=j.error,
+            attempts=j.attempts,
+            max_attempts=j.max_attempts,
+            worker=j.worker,
+            result=j.result,
+            model_id=p.get("model_id"),
+            assembly_id=p.get("assembly_id"),
+            created_at=j.created_at,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+            heartbeat_at=j.heartbeat_at,
+        )
+
+
+class ComponentSetBrief(BaseModel):
+    id: int
+    dataset_id: int
+    parameters: dict[str, Any]
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    id: int
+    name: str
+    arch: str
+    class_names: list[str]
+    input_spec: dict[str, Any]
+    weights_sha256: str
+    weights_bytes: int
+    created_at: datetime
+    component_sets: list[ComponentSetBrief] = []
+    locate_job_id: int | None = None
+
+    @classmethod
+    def of(cls, m: Model, locate_job_id: int | None = None) -> ModelOut:
+        return cls(
+            id=m.id,
+            name=m.name,
+            arch=m.arch,
+            class_names=list(m.class_names),
+            input_spec=m.input_spec,
+            weights_sha256=m.weights_sha256,
+            weights_bytes=m.weights_bytes,
+            created_at=m.created_at,
+            component_sets=[
+                ComponentSetBrief(
+                    id=c.id,
+                    dataset_id=c.dataset_id,
+                    parameters=c.parameters,
+                    created_at=c.created_at,
+                )
+                for c in m.component_sets
+            ],
+            locate_job_id=locate_job_id,
+        )
+
+
+class DatasetOut(BaseModel):
+    id: int
+    name: str
+    classes: dict[str, int]
+    num_classes: int
+    num_images: int
+    archive_sha256: str
+    archive_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, d: Dataset) -> DatasetOut:
+        return cls(
+            id=d.id,
+            name=d.name,
+            classes=d.classes,
+            num_classes=len(d.classes),
+            num_images=sum(d.classes.values()),
+            archive_sha256=d.archive_sha256,
+            archive_bytes=d.archive_bytes,
+            created_at=d.created_at,
+        )
+
+
+class ClassComponent(BaseModel):
+    class_index: int
+    class_name: str
+    layers: dict[str, list[int]] = Field(description="layer -> [channels kept, channels total]")
+    params: int
+    flops: int
+    samples: int
+    component_set_id: int
+    dataset_id: int
+    parameters: dict[str, Any]
+
+
+class ComponentSetOut(BaseModel):
+    id: int
+    dataset_id: int
+    dataset_name: str | None
+    parameters: dict[str, Any]
+    job_id: int | None
+    created_at: datetime
+    classes: list[ClassComponent]
+
+    @classmethod
+    def of(cls, c: ComponentSet, dataset_name: str | None) -> ComponentSetOut:
+        return cls(
+            id=c.id,
+            dataset_id=c.dataset_id,
+            dataset_name=dataset_name,
+            parameters=c.parameters,
+            job_id=c.job_id,
+            created_at=c.created_at,
+            classes=[
+                ClassComponent(
+                    class_index=x.class_index,
+                    class_name=x.class_name,
+                    layers=x.layers,
+                    params=x.params,
+                    flops=x.flops,
+                    samples=x.samples,
+                    component_set_id=c.id,
+                    dataset_id=c.dataset_id,
+                    parameters=c.parameters,
+                )
+                for x in c.components
+            ],
+        )
+
+
+class ComponentsOut(BaseModel):
+    model_id: int
+    classes: list[ClassComponent] = Field(description="Per class, from the latest set")
+    component_sets: list[ComponentSetOut]
+    pending_job_ids: list[int] = []
+
+
+class SourceOut(BaseModel):
+    model_id: int
+    classes: list[str]
+    class_indices: list[int]
+    component_set_id: int | None
+
+
+class AssemblyOut(BaseModel):
+    id: int
+    name: str
+    status: str
+    progress: float
+    error: str | None
+    job_id: int | None
+    classes: list[dict[str, Any]]
+    sources: list[SourceOut]
+    options: dict[str, Any]
+    eval_dataset_ids: list[int]
+    metrics: dict[str, Any] | None
+    input_spec: dict[str, Any] | None
+    artifact_sha256: str | None
+    download_url: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, a: Assembly) -> AssemblyOut:
+        j = a.job
+        status = j.status if j else "failed"
+        return cls(
+            id=a.id,
+            name=a.name,
+            status=status,
+            progress=j.progress if j else 0.0,
+            error=j.error if j else "its job was removed",
+            job_id=a.job_id,
+            classes=a.classes,
+            sources=[
+                SourceOut(
+                    model_id=s.model_id,
+                    classes=s.class_names,
+                    class_indices=s.class_indices,
+                    component_set_id=s.component_set_id,
+                )
+                for s in a.sources
+            ],
+            options=a.options or {},
+            eval_dataset_ids=a.eval_dataset_ids or [],
+            metrics=a.metrics,
+            input_spec=a.input_spec,
+            artifact_sha256=a.artifact_sha256,
+            download_url=(
+                f"/api/v1/assemblies/{a.id}/download"
+                if status == "succeeded" and a.artifact_sha256
+                else None
+            ),
+            created_at=a.created_at,
+        )
+
+
+class Accepted(BaseModel):
+    job_id: int
+    job: JobOut
+
+
+class Prediction(BaseModel):
+    class_: str = Field(alias="class", description="class name")
+    probability: float
+
+
+class PredictOut(BaseModel):
+    predictions: list[list[Prediction]] = Field(description="per image, the top-k classes")

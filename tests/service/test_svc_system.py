@@ -1,0 +1,135 @@
+"""Health, readiness, metrics, OpenAPI, API keys and the CLI's key commands."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from service_helpers import make_settings
+
+from app.catalog import upgrade
+from app.cli import main
+from app.main import create_app
+
+
+def test_health_ready_metrics_docs(api):
+    c = api.client
+    assert c.get("/healthz").json() == {"status": "ok"}
+    r = c.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert set(r.json()["checks"]) == {"database", "broker", "storage"}
+    api.get("/api/v1/models")
+    text = c.get("/metrics").text
+    for series in (
+        'lego_http_requests_total{method="GET",route="/api/v1/models",status="200"}',
+        'lego_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/api/v1/models"}',
+        'lego_jobs{kind="locate",state="queued"} 0.0',
+        "lego_predict_batch_size_bucket",
+    ):
+        assert series in text, series
+    assert c.get("/docs").status_code == 200
+    paths = c.get("/openapi.json").json()["paths"]
+    for p in (
+        "/api/v1/models",
+        "/api/v1/datasets",
+        "/api/v1/assemblies",
+        "/api/v1/assemblies/{assembly_id}/predict",
+        "/api/v1/jobs/{job_id}",
+        "/api/v1/models/{model_id}/routes.svg",
+    ):
+        assert p in paths
+
+
+def test_readyz_503_when_broker_unreachable(tmp_path):
+    settings = make_settings(tmp_path, broker_url="redis://127.0.0.1:1/0")
+    upgrade(settings.resolved_database_url)
+    with TestClient(create_app(settings, background=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["checks"]["broker"]["ok"] is False
+        assert body["checks"]["database"]["ok"] is True
+
+
+def test_readyz_503_when_database_unreachable(tmp_path):
+    settings = make_settings(tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with TestClient(create_app(settings, background=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["database"]["ok"] is False
+        # Requests that need the catalog say so instead of failing with a 500.
+        r = c.get("/api/v1/models", headers={"Authorization": "Bearer x"})
+        assert r.status_code == 503
+
+
+def test_keys_are_required_and_checked(api):
+    c = api.client
+    assert c.get("/api/v1/models").status_code == 401
+    r = c.get("/api/v1/models", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["detail"] == "invalid or revoked API key"
+    assert c.get("/api/v1/models", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert api.get("/api/v1/models").json() == []
+    assert api.get("/api/v1/jobs/12345").status_code == 404
+
+
+def test_cli_keys_create_list_revoke(tmp_path, monkeypatch, capsys):
+    from app.settings import get_settings
+
+    monkeypatch.setenv("LEGO_VAR_DIR", str(tmp_path))
+    monkeypatch.delenv("LEGO_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert main(["keys", "create", "carol"]) == 0
+        key = capsys.readouterr().out.strip()
+        assert key.startswith("lego_")
+        settings = make_settings(tmp_path, database_url="")
+        with TestClient(create_app(settings)) as c:
+            h = {"Authorization": f"Bearer {key}"}
+            assert c.get("/api/v1/models", headers=h).status_code == 200
+            assert main(["keys", "list"]) == 0
+            listing = capsys.readouterr().out
+            assert "carol" in listing and key not in listing
+            assert main(["keys", "revoke", key]) == 0
+            assert c.get("/api/v1/models", headers=h).status_code == 401
+            assert main(["keys", "revoke", key]) == 1
+    finally:
+        get_settings.cache_clear()
+
+
+def test_lego_serve_embedded_prints_url_and_key(tmp_path):
+    """`lego serve` on a fresh machine: migrations, a key printed once, the API up."""
+    import httpx
+    from service_helpers import Proc, free_port, service_env
+
+    port = free_port()
+    env = service_env(var_dir=tmp_path / "var")
+    proc = Proc(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+    try:
+        proc.wait_for("Uvicorn running", timeout=120)
+        out = proc.output()
+        assert f"http://127.0.0.1:{port}" in out
+        key = out.split("API key (created now, shown once): ")[1].split()[0]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            assert c.get("/readyz").status_code == 200
+            r = c.get("/api/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200 and r.json() == []
+    finally:
+        proc.stop()
+    assert (tmp_path / "var" / "lego.db").is_file()
+    # A second start keeps the catalog and prints no new key.
+    again = Proc(["serve", "--port", str(port)], env, tmp_path / "serve2.log")
+    try:
+        again.wait_for("Uvicorn running", timeout=120)
+        assert "API key" not in again.output()
+    finally:
+        again.stop()
+
+
+def test_streamed_body_over_the_limit_is_413(api):
+    """A chunked upload (no Content-Length) is counted while it streams in."""
+    api.svc.settings.max_request_bytes = 10_000
+    chunks = (b'{"source_classes": [' + b" " * 1000 for _ in range(20))
+    r = api.post("/api/v1/assemblies", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert "limit" in r.json()["detail"]
+    r = api.post(
+        "/api/v1/assemblies", content=b"x" * 20_000, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413

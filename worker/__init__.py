@@ -1,0 +1,1 @@
+"""Job execution: Celery tasks (full stack) and the embedded runner (no broker)."""

@@ -1,0 +1,431 @@
+"""Job lifecycle shared by the Celery tasks and the embedded runner.
+
+A job is a row in the catalog. Whoever runs it (a Celery worker process or the
+API's embedded runner thread) calls `execute(env, job_id)`, which
+
+1. claims the row with a conditional UPDATE (queued -> running), so a job runs
+   once however many messages or runners ask for it;
+2. keeps `heartbeat_at` fresh from a side thread while the job runs;
+3. calls the handler for the job's kind (worker.tasks), which calls lego_core and
+   reports progress;
+4. records the outcome in one transaction that only applies while this runner
+   still owns the job.
+
+`reap(env)` finds running jobs whose heartbeat is older than `job_stale_s` (their
+process died: SIGKILL, OOM, lost machine) and puts them back in the queue, or
+marks them failed once they used `job_max_attempts` attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from app.catalog import Catalog, Job, get_catalog, utcnow
+from app.settings import Settings
+from app.storage import Storage
+
+log = logging.getLogger("lego.jobs")
+
+try:  # Celery's soft time limit raises this inside the task.
+    from billiard.exceptions import SoftTimeLimitExceeded
+except ImportError:  # pragma: no cover
+
+    class SoftTimeLimitExceeded(Exception):  # type: ignore[no-redef]
+        pass
+
+
+try:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+except ImportError:  # pragma: no cover
+    RedisConnectionError = ConnectionError  # type: ignore[misc,assignment]
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+    RedisConnectionError,
+)
+
+
+class Deferred(Exception):
+    """The job cannot run yet (it waits for another job); try again later."""
+
+    def __init__(self, message: str, delay_s: float) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+@dataclass
+class Env:
+    """What a job needs: settings, the catalog and the artifact storage."""
+
+    settings: Settings
+    catalog: Catalog
+    storage: Storage
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Env:
+        return cls(
+            settings,
+            get_catalog(settings.resolved_database_url),
+            Storage(settings.resolved_storage_dir),
+        )
+
+
+@dataclass
+class Outcome:
+    state: str  # succeeded, failed, retry, busy, skipped
+    retry_in: float | None = None
+
+
+@dataclass
+class Result:
+    """What a handler returns: a JSON result and catalog changes applied on success."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    apply: Callable[[Session], dict[str, Any] | None] | None = None
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class JobContext:
+    """Handed to a job handler: its payload, environment and progress reporting."""
+
+    def __init__(self, env: Env, job: Job, worker: str) -> None:
+        self.env = env
+        self.job_id = job.id
+        self.owner = job.owner
+        self.kind = job.kind
+        self.payload = dict(job.payload or {})
+        self.worker = worker
+        self.device = resolve_device(env.settings.device)
+        self._last = 0.0
+
+    @property
+    def storage(self) -> Storage:
+        return self.env.storage
+
+    def session(self):
+        return self.env.catalog.session()
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Record progress (at most a few writes a second); also a heartbeat."""
+        now = time.monotonic()
+        if fraction < 1.0 and now - self._last < 0.5:
+            return
+        self._last = now
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        try:
+            with self.session() as s:
+                s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == self.job_id, Job.status == "running", Job.worker == self.worker
+                    )
+                    .values(progress=fraction, message=message[:500], heartbeat_at=utcnow())
+                )
+        except DBAPIError:  # progress is best effort; the heartbeat thread retries
+            log.warning("job %s: could not record progress", self.job_id, exc_info=True)
+
+    def sub(self, start: float, end: float) -> Callable[[float, str], None]:
+        """A progress callback that maps 0..1 onto start..end of this job."""
+
+        def cb(fraction: float, message: str = "") -> None:
+            self.progress(start + (end - start) * min(max(float(fraction), 0.0), 1.0), message)
+
+        return cb
+
+
+class Heartbeat:
+    """A thread that refreshes the job's heartbeat until stopped."""
+
+    def __init__(self, env: Env, job_id: int, worker: str) -> None:
+        self.env, self.job_id, self.worker = env, job_id, worker
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.env.settings.job_heartbeat_s):
+            try:
+                with self.env.catalog.session() as s:
+                    s.execute(
+                        update(Job)
+                        .where(
+                            Job.id == self.job_id,
+                            Job.status == "running",
+                            Job.worker == self.worker,
+                        )
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:  # keep beating; the reaper decides when it is too late
+                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def create_job(session: Session, owner: str, kind: str, payload: dict, max_attempts: int) -> Job:
+    job = Job(
+        owner=owner,
+        kind=kind,
+        status="queued",
+        payload=payload,
+        max_attempts=max_attempts,
+        progress=0.0,
+        message="queued",
+        attempts=0,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+# --------------------------------------------------------------------------- execute
+
+
+def claim(env: Env, job_id: int, worker: str) -> Job | None:
+    now = utcnow()
+    with env.catalog.session() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                worker=worker,
+                started_at=now,
+                heartbeat_at=now,
+                error=None,
+                message="started",
+                run_after=None,
+            )
+        )
+        if res.rowcount != 1:
+            return None
+    with env.catalog.session() as s:
+        return s.get(Job, job_id)
+
+
+def _finish(env: Env, job_id: int, worker: str, values: dict, apply=None) -> bool:
+    """Write the outcome if this worker still owns the job (one transaction)."""
+    with env.catalog.session() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.worker == worker)
+            .values(**values)
+        )
+        if res.rowcount != 1:
+            s.rollback()
+            log.warning("job %s: no longer owned by %s; outcome dropped", job_id, worker)
+            return False
+        if apply is not None:
+            extra = apply(s)
+            if extra:
+                job = s.get(Job, job_id)
+                job.result = {**(job.result or {}), **extra}
+        return True
+
+
+def _fail(env: Env, job_id: int, worker: str, error: str) -> Outcome:
+    _finish(
+        env,
+        job_id,
+        worker,
+        {"status": "failed", "error": error[:4000], "finished_at": utcnow(), "message": "failed"},
+    )
+    return Outcome("failed")
+
+
+def _requeue(
+    env: Env, job_id: int, worker: str, delay: float, message: str, count_attempt: bool
+) -> Outcome:
+    values: dict[str, Any] = {
+        "status": "queued",
+        "worker": None,
+        "message": message[:500],
+        "run_after": utcnow() + timedelta(seconds=delay),
+    }
+    if not count_attempt:
+        values["attempts"] = Job.attempts - 1
+    _finish(env, job_id, worker, values)
+    return Outcome("retry", retry_in=delay)
+
+
+def execute(env: Env, job_id: int, worker: str | None = None) -> Outcome:
+    """Run one job to its end (or to a retry); see the module docstring."""
+    from lego_core.errors import LegoError
+    from worker.tasks import HANDLERS
+
+    worker = worker or worker_name()
+    job = claim(env, job_id, worker)
+    if job is None:
+        with env.catalog.session() as s:
+            status = s.scalar(select(Job.status).where(Job.id == job_id))
+        # Another runner has it (a duplicate message), or it is finished or gone.
+        return Outcome("busy" if status == "running" else "skipped")
+
+    ctx = JobContext(env, job, worker)
+    log.info("job %s (%s) attempt %s started on %s", job.id, job.kind, job.attempts, worker)
+    with Heartbeat(env, job.id, worker):
+        try:
+            if env.settings.debug_job_delay_s > 0:
+                ctx.progress(0.0, "debug delay")
+                time.sleep(env.settings.debug_job_delay_s)
+            handler = HANDLERS.get(job.kind)
+            if handler is None:
+                raise LegoError(f"unknown job kind {job.kind!r}")
+            result = handler(ctx)
+        except Deferred as exc:
+            return _requeue(env, job.id, worker, exc.delay_s, str(exc), count_attempt=False)
+        except LegoError as exc:
+            return _fail(env, job.id, worker, str(exc))
+        except SoftTimeLimitExceeded:
+            return _fail(
+                env, job.id, worker, f"time limit of {env.settings.job_time_limit_s} s exceeded"
+            )
+        except TRANSIENT_ERRORS as exc:
+            if job.attempts < job.max_attempts:
+                delay = env.settings.job_retry_delay_s * job.attempts
+                log.warning("job %s: transient error, retry in %ss: %s", job.id, delay, exc)
+                return _requeue(
+                    env, job.id, worker, delay, f"retrying after: {exc}", count_attempt=True
+                )
+            return _fail(
+                env,
+                job.id,
+                worker,
+                f"gave up after {job.attempts} attempts: {type(exc).__name__}: {exc}",
+            )
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            return _fail(env, job.id, worker, f"internal error: {type(exc).__name__}: {exc}")
+        except BaseException:
+            # Shutdown (SystemExit, KeyboardInterrupt): hand the job back, do not count it.
+            _requeue(env, job.id, worker, 0.0, "interrupted; queued again", count_attempt=False)
+            raise
+        ok = _finish(
+            env,
+            job.id,
+            worker,
+            {
+                "status": "succeeded",
+                "progress": 1.0,
+                "message": "done",
+                "result": result.data,
+                "finished_at": utcnow(),
+                "error": None,
+            },
+            apply=result.apply,
+        )
+    log.info("job %s finished: %s", job.id, "succeeded" if ok else "dropped")
+    return Outcome("succeeded" if ok else "skipped")
+
+
+# --------------------------------------------------------------------------- reaper
+
+
+def reap(env: Env, dispatch: Callable[[int], None] | None = None) -> dict[str, list[int]]:
+    """Requeue or fail running jobs whose heartbeat stopped; returns the job ids."""
+    stale_s = env.settings.job_stale_s
+    cutoff = utcnow() - timedelta(seconds=stale_s)
+    requeued: list[int] = []
+    failed: list[int] = []
+    with env.catalog.session() as s:
+        stale = s.execute(
+            select(Job.id, Job.worker, Job.attempts, Job.max_attempts).where(
+                Job.status == "running", Job.heartbeat_at < cutoff
+            )
+        ).all()
+    for job_id, worker, attempts, max_attempts in stale:
+        with env.catalog.session() as s:
+            cond = update(Job).where(
+                Job.id == job_id, Job.status == "running", Job.heartbeat_at < cutoff
+            )
+            if attempts < max_attempts:
+                res = s.execute(
+                    cond.values(
+                        status="queued",
+                        worker=None,
+                        run_after=None,
+                        message=f"worker {worker} stopped responding; queued again",
+                    )
+                )
+                if res.rowcount == 1:
+                    requeued.append(job_id)
+            else:
+                res = s.execute(
+                    cond.values(
+                        status="failed",
+                        finished_at=utcnow(),
+                        message="failed",
+                        error=(
+                            f"worker {worker} stopped responding (no heartbeat for {stale_s:g} s) "
+                            f"on attempt {attempts} of {max_attempts}"
+                        ),
+                    )
+                )
+                if res.rowcount == 1:
+                    failed.append(job_id)
+    if requeued or failed:
+        log.warning("reaper: requeued %s, failed %s", requeued, failed)
+    for job_id in requeued:
+        if dispatch is not None:
+            try:
+                dispatch(job_id)
+            except Exception:
+                log.exception("reaper: could not dispatch job %s", job_id)
+    return {"requeued": requeued, "failed": failed}
+
+
+class Reaper:
+    """A daemon thread that calls `reap` every `reaper_interval_s`."""
+
+    def __init__(self, env: Env, dispatch: Callable[[int], None] | None) -> None:
+        self.env, self.dispatch = env, dispatch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lego-reaper", daemon=True)
+
+    def start(self) -> Reaper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.env.settings.reaper_interval_s):
+            try:
+                reap(self.env, self.dispatch)
+            except Exception:
+                log.warning("reaper pass failed", exc_info=True)
