@@ -423,6 +423,7 @@ def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Te
                 for k, v in kwargs.items()
             }
             target = _OUT_OF_PLACE.get(fx.target, fx.target)
+            args = _inference_args(target, args)
             node = Node(fx.name, "pending", target, args, kwargs)
             nodes.append(node)
             if fx.target in _OUT_OF_PLACE and fx.args and isinstance(fx.args[0], torch.fx.Node):
@@ -441,6 +442,16 @@ def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Te
     graph = LegoGraph(graph.nodes, tensors, input_name, output_name)
     _classify(graph, example)
     return graph
+
+
+def _inference_args(target, args: tuple) -> tuple:
+    """A program exported in training mode still classifies in eval mode:
+    batch norm uses its running statistics and dropout is off."""
+    if target is aten.batch_norm.default and len(args) > 5 and args[5] is not False:
+        return (*args[:5], False, *args[6:])
+    if target is aten.dropout.default and len(args) > 2 and args[2] is not False:
+        return (*args[:2], False, *args[3:])
+    return args
 
 
 def _get_attr(gm: nn.Module, target: str):

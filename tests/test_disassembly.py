@@ -233,3 +233,15 @@ def test_decision_routes_picture_shows_every_layer(located_lenet):
     assert first_linear["per_class"]["0"] == int(components.masks[0][first_linear["layer"]].sum())
     with pytest.raises(UnknownClassError):
         render_routes(model, components, ["eleven"])
+
+
+def test_program_exported_in_training_mode_classifies_in_eval_mode(tmp_path):
+    torch.manual_seed(0)
+    module = _randomise_bn(ResidualConcatNet())
+    program = torch.export.export(module.train(), (torch.randn(4, *CIFAR10_SPEC.shape),))
+    path = tmp_path / "train-mode.pt2"
+    torch.export.save(program, path)
+    model = load_source_model(path, "exported", [f"c{i}" for i in range(6)], CIFAR10_SPEC)
+    x = torch.randn(3, *CIFAR10_SPEC.shape)
+    with torch.no_grad():
+        assert torch.allclose(model.net()(x), module.eval()(x), rtol=1e-4, atol=1e-5)
