@@ -379,6 +379,7 @@ def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Te
     nodes by running it once on `example` (a batch of normalised inputs)."""
     if isinstance(program, nn.Module):
         program = export_module(program, example)
+    example = _example_for(program, example)
     gm = program.module()
     nodes: list[Node] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -442,6 +443,22 @@ def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Te
     graph = LegoGraph(graph.nodes, tensors, input_name, output_name)
     _classify(graph, example)
     return graph
+
+
+def _example_for(program: torch.export.ExportedProgram, example: torch.Tensor) -> torch.Tensor:
+    """A program exported with a fixed batch size may have it baked into
+    reshapes; probe it with that batch size so they are recognised (and then
+    executed batch-independently as flattens)."""
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+            node = next(n for n in program.graph.nodes if n.name == spec.arg.name)
+            val = node.meta.get("val")
+            batch = val.shape[0] if val is not None and val.dim() > 0 else None
+            if isinstance(batch, int) and batch != example.shape[0]:
+                reps = -(-batch // example.shape[0])
+                return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch]
+            break
+    return example
 
 
 def _inference_args(target, args: tuple) -> tuple:
