@@ -14,8 +14,9 @@ clamped at zero (s <- max(s, 0)) before samples are summed per class.
 For a linear layer s[q, p] = max(w[q, p] * a[p], 0); when the input is
 non-negative (after a ReLU) the sum over samples is max(w, 0) * sum(a).
 
-Sums are kept in float64 so that adding shards in any order gives the same
-masks as one pass.
+Per-class sums of one batch are formed in float32 and accumulated across
+batches in float64, so that adding shards (whole batches) in any order gives
+the same masks as one pass.
 """
 
 from __future__ import annotations
@@ -67,6 +68,30 @@ def conv_contributions(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
     return out.clamp_(min=0)
 
 
+def conv_class_sums(
+    x: torch.Tensor, weight, stride, padding, dilation, groups, labels, num_classes: int
+) -> torch.Tensor:
+    """Clamped contributions summed per class: [num_classes, Q, P / groups].
+
+    Same numbers as summing `conv_contributions` per class, laid out so that
+    every large intermediate is contiguous: one batched matmul over the input
+    channels ([P, B, K] x [P, K, Q/groups]), an in-place clamp, and a class
+    sum of the [P, B, Q/groups] block in float32 (only the small per-class
+    result is widened to float64 by the caller)."""
+    q, pg, kh, kw = weight.shape
+    k = kh * kw
+    qg = q // groups
+    s = tap_sums(x, (kh, kw), stride, padding, dilation)  # [B, P, K]
+    per_input = s.permute(1, 0, 2).contiguous()  # [P, B, K]
+    w = weight.reshape(groups, qg, pg, k).permute(0, 2, 3, 1).reshape(groups * pg, k, qg)
+    out = torch.bmm(per_input, w).clamp_(min=0)  # [P, B, Q/groups]
+    sums = torch.zeros(groups * pg, num_classes, qg, dtype=out.dtype, device=out.device)
+    sums.index_add_(1, labels, out)  # [P, C, Q/groups]
+    # -> [C, groups, Q/groups, P/groups] -> [C, Q, P/groups]
+    sums = sums.view(groups, pg, num_classes, qg).permute(2, 0, 3, 1)
+    return sums.reshape(num_classes, q, pg)
+
+
 def linear_contributions(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-sample clamped contributions of a linear layer: [B, Q, P]."""
     return (weight[None, :, :] * x[:, None, :]).clamp_(min=0)
@@ -94,14 +119,15 @@ class ContributionAccumulator:
                     self.num_classes, q, p, dtype=torch.float64, device=x.device
                 )
             if bool((x >= 0).all()):
-                per_class = torch.zeros(self.num_classes, p, dtype=torch.float64, device=x.device)
-                per_class.index_add_(0, labels, x.double())
-                acc += weight.clamp(min=0).double()[None] * per_class[:, None, :]
+                per_class = torch.zeros(self.num_classes, p, dtype=x.dtype, device=x.device)
+                per_class.index_add_(0, labels, x)
+                acc += (weight.clamp(min=0)[None] * per_class[:, None, :]).double()
                 return
             step = max(1, _BLOCK_ELEMENTS // max(1, q * p))
             for i in range(0, x.shape[0], step):
                 part = linear_contributions(x[i : i + step], weight)
-                acc.index_add_(0, labels[i : i + step], part.double())
+                per_class = torch.zeros(self.num_classes, q, p, dtype=x.dtype, device=x.device)
+                acc += per_class.index_add_(0, labels[i : i + step], part).double()
             return
         stride, padding, dilation, groups = node.conv_options()
         q, pg = weight.shape[:2]
@@ -109,10 +135,19 @@ class ContributionAccumulator:
             acc = self.sums[node.layer] = torch.zeros(
                 self.num_classes, q, pg, dtype=torch.float64, device=x.device
             )
-        step = max(1, _BLOCK_ELEMENTS // max(1, q * pg * 4))
+        step = max(1, _BLOCK_ELEMENTS // max(1, q * pg))
         for i in range(0, x.shape[0], step):
-            part = conv_contributions(x[i : i + step], weight, stride, padding, dilation, groups)
-            acc.index_add_(0, labels[i : i + step], part.double())
+            part = conv_class_sums(
+                x[i : i + step],
+                weight,
+                stride,
+                padding,
+                dilation,
+                groups,
+                labels[i : i + step],
+                self.num_classes,
+            )
+            acc += part.double()
 
 
 def add_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

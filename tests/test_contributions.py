@@ -91,3 +91,17 @@ def test_non_negative_linear_shortcut_equals_per_sample_sum():
     per_sample = linear_contributions(x, w).double()
     expected = torch.stack([per_sample[labels == c].sum(0) for c in range(2)])
     assert torch.allclose(acc.sums["fc"], expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_class_sums_equal_per_sample_contributions_summed_by_class(groups):
+    from lego_core.contributions import conv_class_sums
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 6, 9, 9, generator=g)
+    w = torch.randn(6, 6 // groups, 3, 3, generator=g)
+    labels = torch.tensor([0, 0, 2, 1, 2, 2, 0])
+    per_sample = conv_contributions(x, w, (2, 2), (1, 1), (1, 1), groups)
+    expected = torch.stack([per_sample[labels == c].sum(0) for c in range(3)])
+    got = conv_class_sums(x, w, (2, 2), (1, 1), (1, 1), groups, labels, 3)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
