@@ -15,7 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import Config, FigureResult, Row, alternate, median, spread, timed
+from bench.common import (
+    Config,
+    FigureResult,
+    Row,
+    alternate,
+    median,
+    paired_ratio,
+    spread,
+    timed,
+)
 
 FLOPS_TOLERANCE = 0.01
 LATENCY_GOAL = 1.1
@@ -129,7 +138,7 @@ def run(cfg: Config) -> FigureResult:
     )
     for batch in (1, 64):
         t_b, t_s = median(lat[batch]["branches"]), median(lat[batch]["sequential"])
-        r = t_b / t_s
+        r = paired_ratio(lat[batch]["branches"], lat[batch]["sequential"])
         res.rows.append(
             Row(
                 "3",
@@ -162,7 +171,7 @@ def run(cfg: Config) -> FigureResult:
     )
     for batch in (1, 64):
         t_p, t_s = median(lat[batch]["padded"]), median(lat[batch]["sequential"])
-        r = t_p / t_s
+        r = paired_ratio(lat[batch]["padded"], lat[batch]["sequential"])
         res.rows.append(
             Row(
                 "3",
@@ -178,8 +187,8 @@ def run(cfg: Config) -> FigureResult:
             )
         )
     params = [c.graph.param_count() for c in comps]
-    p1 = median(lat[1]["padded"]) / median(lat[1]["sequential"])
-    p64 = median(lat[64]["padded"]) / median(lat[64]["sequential"])
+    p1 = paired_ratio(lat[1]["padded"], lat[1]["sequential"])
+    p64 = paired_ratio(lat[64]["padded"], lat[64]["sequential"])
     res.notes.append(
         "Three plain_cnn components (random weights, classes 0-2, 3-5, 6-8 of three models; "
         f"{', '.join(f'{p:,}' for p in params)} parameters; "

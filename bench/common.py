@@ -65,8 +65,8 @@ class Config:
     quick: bool = False
     device: str = "cpu"
     fig1_samples: int = 128
-    fig1_reps: int = 3
-    fig2_reps: int = 3
+    fig1_reps: int = 5
+    fig2_reps: int = 5
     fig3_reps: int = 9
     serve_requests_1: int = 150  # sequential requests per round at one client
     serve_requests_32: int = 8  # requests per client per round at 32 clients
@@ -78,8 +78,8 @@ class Config:
     def make(cls, quick: bool, device: str, log=print, **over) -> Config:
         c = cls(quick=quick, device=device, log=log)
         if quick:
-            c.fig1_samples, c.fig1_reps = 32, 2
-            c.fig2_reps, c.fig3_reps = 2, 5
+            c.fig1_samples, c.fig1_reps = 32, 3
+            c.fig2_reps, c.fig3_reps = 3, 5
             c.serve_requests_1, c.serve_requests_32, c.serve_rounds = 60, 4, 3
             c.job_reps = 3
         for k, v in over.items():
@@ -128,9 +128,21 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i]: both sides of a round ran back to back,
+    so the load of that moment divides out."""
+    return median([a / b for a, b in zip(num, den, strict=True)])
+
+
+def paired_diff(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[i] - b[i]."""
+    return median([x - y for x, y in zip(a, b, strict=True)])
+
+
 def spread(values) -> dict:
-    v = sorted(float(x) for x in values)
-    return {"median": median(v), "min": v[0], "max": v[-1], "n": len(v), "values": v}
+    """Median, min, max and every value in the order the rounds ran."""
+    v = [float(x) for x in values]
+    return {"median": median(v), "min": min(v), "max": max(v), "n": len(v), "rounds": v}
 
 
 def accepts(fn, name: str) -> bool:

@@ -48,6 +48,7 @@ from bench.common import (
     accepts,
     alternate,
     median,
+    paired_ratio,
     spread,
     timed,
 )
@@ -450,7 +451,7 @@ def run(cfg: Config) -> FigureResult:
             mem = memory_in_child(arch, size, cfg.fig1_samples)
         breakdown = project_breakdown(model, data, idx, labels, device)
         t_ref, t_proj, t_fwd = (median(times[k]) for k in ("reference", "project", "forward"))
-        ratio = t_ref / t_proj
+        ratio = paired_ratio(times["reference"], times["project"])
         work = work_elements(model)
         extra_ref, extra_proj = t_ref - t_fwd, t_proj - t_fwd
         common = {

@@ -17,7 +17,17 @@ import time
 
 import torch
 
-from bench.common import Config, FigureResult, Row, accepts, alternate, median, spread, timed
+from bench.common import (
+    Config,
+    FigureResult,
+    Row,
+    accepts,
+    alternate,
+    median,
+    paired_ratio,
+    spread,
+    timed,
+)
 
 GOAL = 1.5
 SAMPLES_PER_CLASS = 50
@@ -110,7 +120,7 @@ def run(cfg: Config) -> FigureResult:
         }
         phases["selected"] = SAMPLES_PER_CLASS * len(data.class_names)
         t_proj, t_floor = (median(times[k]) for k in ("project", "floor"))
-        ratio = t_proj / t_floor
+        ratio = paired_ratio(times["project"], times["floor"])
         res.rows.append(
             Row(
                 "2",

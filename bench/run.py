@@ -149,10 +149,13 @@ def write_results(
         "",
         table(rows),
         "",
-        'Ratios: figure 1 baseline / project ("x lower"); figure 2 project / floor; figure 3 '
+        "Project and baseline: medians over the measured rounds (every round is in "
+        "results.json). Ratio: the median over rounds of each round's own ratio (or "
+        "difference), since both sides of a round ran back to back under the same load: "
+        'figure 1 baseline / project ("x lower"); figure 2 project / floor; figure 3 '
         "project / sequential components; figure 4 added latency (p50 over HTTP minus p50 "
-        "in-process) and throughput over HTTP / in-process; figure 5 service time minus direct "
-        "time. Times are medians over the measured rounds (spread in results.json).",
+        "in-process) and throughput over HTTP / in-process; figure 5 service time minus "
+        "direct time.",
         "",
         "## Notes",
         "",

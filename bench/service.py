@@ -52,6 +52,8 @@ from bench.common import (
     alternate,
     median,
     not_measured,
+    paired_diff,
+    paired_ratio,
     spread,
 )
 
@@ -573,6 +575,7 @@ def serving(cfg: Config, api: Api, s: Setup, root: Path, server_pid: int) -> tup
     thr_all = median([w for w, _ in stats["inproc_batched_all"]])
     thr_in = max(thr_one, thr_all)
     best = "inproc_batched" if thr_one >= thr_all else "inproc_batched_all"
+    thr_in_rounds = [w for w, _ in stats[best]]
     cpu_in = median([c for _, c in stats[best]])
     rows = []
     lenet = s.arch == "lenet"
@@ -580,7 +583,9 @@ def serving(cfg: Config, api: Api, s: Setup, root: Path, server_pid: int) -> tup
     for method in ("GET", "POST"):
         p50 = median([p for p, _ in stats[f"{method.lower()}_1"]])
         app_ms[method] = median([a for _, a in stats[f"{method.lower()}_1"]]) * 1000
-        added_ms = (p50 - p50_in) * 1000
+        added_ms = (
+            paired_diff([p for p, _ in stats[f"{method.lower()}_1"]], stats["inproc_b1"]) * 1000
+        )
         rows.append(
             Row(
                 "4",
@@ -605,7 +610,7 @@ def serving(cfg: Config, api: Api, s: Setup, root: Path, server_pid: int) -> tup
         runs = stats[f"{method.lower()}_32"]
         thr = median([r[0] for r in runs])
         cpu_thr = median([r[1] for r in runs])
-        r = thr / thr_in
+        r = paired_ratio([x[0] for x in runs], thr_in_rounds)
         rows.append(
             Row(
                 "4",
@@ -665,7 +670,7 @@ def jobs(cfg: Config, api: Api, s: Setup, direct: Direct, mode: str, res: Figure
     cfg.log(f"[5] {mode}: timing POST /assemblies -> succeeded vs direct, {cfg.job_reps} rounds")
     times = alternate({"service": http_case, "direct": direct.assemble}, cfg.job_reps)
     t_svc, t_dir = median(times["service"]), median(times["direct"])
-    overhead = t_svc - t_dir
+    overhead = paired_diff(times["service"], times["direct"])
     measured = job_times[-cfg.job_reps :]
     queue = median([j["queue_s"] for j in measured])
     run_s = median([j["run_s"] for j in measured])
