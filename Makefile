@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean bench
+.PHONY: install run test soak lint format clean reproduce bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,6 +21,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS)
+
+# Long fault and load tests against PostgreSQL + Redis + real Celery workers (about 20
+# minutes on 2 cores; needs root for the tmpfs and restarts the local PostgreSQL and
+# Redis). Figures go to .cache/reliability/last_run.json; see docs/RELIABILITY.md.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -m soak tests/reliability -v $(PYTEST_ARGS)
+
+# Trains the source models (cached in .cache/experiments), measures the paper's
+# tables with lego_core and writes docs/RESULTS.md and docs/sensitivity.png
+# (about 40 minutes on 2 CPU cores; `$(BIN)/python -m experiments.reproduce --quick`
+# is a smoke run that writes under .cache/experiments/quick instead).
+reproduce: $(STAMP)
+	$(BIN)/python -m experiments.reproduce
 
 # Measures the performance figures against baselines run in the same process and
 # writes bench/RESULTS.md and bench/results.json (about 10 minutes on 2 CPU cores;

@@ -49,6 +49,29 @@ def input_spec(d: dict):
     return InputSpec.from_dict(d)
 
 
+SPEC_FIELDS = ("channels", "height", "width", "mean", "std")
+
+
+def parse_input_spec(d: Any):
+    """An input spec sent by a user: exactly the five fields, finite mean and std."""
+    import math
+
+    from lego_core.errors import LegoError
+
+    if not isinstance(d, dict):
+        raise LegoError("input spec must be a JSON object {channels, height, width, mean, std}")
+    unknown = sorted(set(d) - set(SPEC_FIELDS))
+    if unknown:
+        raise LegoError(
+            f"input spec: unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"expected {', '.join(SPEC_FIELDS)}"
+        )
+    spec = input_spec(d)
+    if not all(math.isfinite(v) for v in (*spec.mean, *spec.std)):
+        raise LegoError("input spec: mean and std must be finite numbers")
+    return spec
+
+
 def archive_suffix(filename: str) -> str | None:
     name = (filename or "").lower()
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):

@@ -42,6 +42,9 @@ from sqlalchemy.orm import (
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
+# The largest id an id column holds (INTEGER: 32-bit on PostgreSQL); the API refuses
+# larger ones with a 422 instead of letting the database driver overflow.
+MAX_ID = 2**31 - 1
 ACTIVE_STATES = ("queued", "running")
 
 

@@ -74,10 +74,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _log_setup(args.loglevel)
     _migrate(settings)
 
-    from worker.celery_app import celery, send
+    from worker.celery_app import celery, queue_empty, send
     from worker.runtime import Env, Reaper
 
-    Reaper(Env.from_settings(settings), lambda job_id: send(settings, job_id)).start()
+    Reaper(
+        Env.from_settings(settings),
+        lambda job_id: send(settings, job_id),
+        lambda: queue_empty(settings),
+    ).start()
     argv = [
         "worker",
         f"--loglevel={args.loglevel}",

@@ -4,13 +4,18 @@
 - images that cannot be decoded -> 422
 - bodies over the configured limits -> 413 (checked while the body streams in)
 - the catalog unreachable -> 503
+- the artifact disk full (ENOSPC, EDQUOT) -> 507
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
@@ -36,15 +41,58 @@ def install_handlers(app: FastAPI) -> None:
     async def too_large(_request: Request, exc: UploadTooLarge) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=413)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler fails (500) when an echoed input is NaN or Infinity.
+        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
     @app.exception_handler(OperationalError)
     async def db_down(_request: Request, exc: OperationalError) -> JSONResponse:
         log.error("catalog error: %s", exc)
         return JSONResponse({"detail": "the catalog database is unavailable"}, status_code=503)
 
+    @app.exception_handler(OSError)
+    async def os_error(_request: Request, exc: OSError) -> JSONResponse:
+        if disk_full(exc):
+            return storage_full(exc)
+        raise exc
+
     @app.exception_handler(Exception)
     async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        if disk_full(exc):
+            return storage_full(exc)
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+def storage_full(exc: BaseException) -> JSONResponse:
+    log.error("artifact storage is full: %s", exc)
+    return JSONResponse(
+        {"detail": "the artifact storage is full; free space or try again later"},
+        status_code=507,
+    )
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is "no space left" or "quota exceeded"."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def json_safe(value):
+    """NaN and infinities (not valid JSON) as strings, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class BodyLimitMiddleware:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from app.errors import BodyLimitMiddleware, install_handlers
 from app.metrics import MetricsMiddleware
 from app.routers import assemblies, datasets, jobs, models, system
+from app.schemas import API_ERRORS
 from app.services import Services
 from app.settings import Settings, get_settings
 
@@ -42,8 +43,9 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
     app.state.services = svc
     app.state.catalog = svc.catalog
     install_handlers(app)
-    for r in (models.router, datasets.router, assemblies.router, jobs.router, system.router):
-        app.include_router(r)
+    for r in (models.router, datasets.router, assemblies.router, jobs.router):
+        app.include_router(r, responses=API_ERRORS)
+    app.include_router(system.router)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware)
     logging.getLogger("lego").setLevel(logging.INFO)

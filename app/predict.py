@@ -94,8 +94,11 @@ def decode_image(data: bytes, spec, max_pixels: int, index: int = 0):
             img.load()
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"image {index}: not a readable image (supported: {', '.join(sorted(ALLOWED_FORMATS))})"
+        ) from None
     except (
-        UnidentifiedImageError,
         OSError,
         SyntaxError,
         ValueError,
@@ -104,11 +107,25 @@ def decode_image(data: bytes, spec, max_pixels: int, index: int = 0):
         Image.DecompressionBombWarning,
     ) as exc:
         raise ImageError(f"image {index}: not a readable PNG or JPEG image ({exc})") from None
+    img = to_8bit(img)
     img = img.convert("L" if spec.channels == 1 else "RGB")
     if img.size != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return t.view(spec.height, spec.width, spec.channels).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_8bit(img):
+    """16- and 32-bit greyscale as 8-bit, scaled (Pillow's convert("L") clips at 255, which
+    turns every non-black pixel of a 16-bit image white)."""
+    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return img
+    import numpy as np
+
+    a = np.asarray(img)
+    if img.mode == "I" and a.size and int(a.max()) <= 255:
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8))
 
 
 def predict(classifier, images: list, top_k: int, batch_size: int) -> list[list[dict]]:

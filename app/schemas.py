@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-from app.catalog import Assembly, ComponentSet, Dataset, Job, Model
+from app.catalog import MAX_ID, Assembly, ComponentSet, Dataset, Job, Model
+
+# A catalog id in a JSON body: an integer (not a bool, float or string) in the range the
+# id columns hold, so that a huge number is a 422 and never reaches the database driver.
+DbId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 
 # --------------------------------------------------------------------------- requests
 
@@ -15,7 +19,7 @@ from app.catalog import Assembly, ComponentSet, Dataset, Job, Model
 class LocateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: int
+    dataset_id: DbId
     samples_per_class: int | None = Field(None, ge=1, le=100_000)
     alpha: float | dict[str, float] | None = Field(
         None, description='a number in [0, 1) or {"conv": x, "linear": y}'
@@ -38,9 +42,9 @@ class LocateIn(BaseModel):
 class SourceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_id: int
-    classes: list[int | str] = Field(min_length=1)
-    component_set_id: int | None = Field(
+    model_id: DbId
+    classes: list[StrictInt | StrictStr] = Field(min_length=1, description="class names or indices")
+    component_set_id: DbId | None = Field(
         None, description="Which located components to use (default: the latest)."
     )
 
@@ -57,16 +61,46 @@ class AssemblyIn(BaseModel):
 
     source_classes: list[SourceIn] = Field(min_length=1)
     name: str | None = Field(None, max_length=200)
-    eval_dataset_ids: list[int] = Field(default_factory=list)
+    eval_dataset_ids: list[DbId] = Field(default_factory=list)
     options: OptionsIn = Field(default_factory=OptionsIn)
 
 
 class PredictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     images: list[str] = Field(min_length=1, description="base64 (or base64url) PNG/JPEG images")
     top_k: int | None = Field(None, ge=1, le=1000)
 
 
 # --------------------------------------------------------------------------- responses
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx and 5xx: a message, or (request validation) a list of problems."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="what is wrong; for a request that does not fit the schema, one "
+        "{loc, msg, type} entry per problem"
+    )
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the error statuses an operation may answer."""
+    what = {
+        400: "Body that cannot be parsed",
+        401: "Missing, malformed, unknown or revoked API key",
+        404: "Not found (or another owner's)",
+        409: "Conflicts with the resource's state",
+        413: "Body over the configured limit",
+        415: "Unsupported content type",
+        422: "Bad input, with a message naming the problem",
+        503: "A dependency (catalog database, job broker) is unavailable; try again later",
+        507: "The artifact storage is full",
+    }
+    return {c: {"model": ErrorOut, "description": what[c]} for c in codes}
+
+
+API_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 503, 507)
 
 
 class JobOut(BaseModel):

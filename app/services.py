@@ -47,7 +47,14 @@ class Services:
         self.storage.clean_tmp()  # what crashed writers left behind
         if self.settings.embedded_broker:
             self.runner = EmbeddedRunner(self.env).start()
-        self.reaper = Reaper(self.env, self.redispatch).start()
+        queue_empty = None
+        if not self.settings.embedded_broker:
+            from worker.celery_app import queue_empty as broker_queue_empty
+
+            def queue_empty() -> bool:
+                return broker_queue_empty(self.settings)
+
+        self.reaper = Reaper(self.env, self.redispatch, queue_empty).start()
 
     def stop(self) -> None:
         if self.runner:

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     job_stale_s: float = 60.0
     job_retry_delay_s: float = 5.0
     reaper_interval_s: float = 10.0
+    orphan_grace_s: float = Field(
+        3600.0,
+        description="Artifacts no row references and temp files older than this are deleted "
+        "by the reaper (what a job that died between storing and recording left behind).",
+    )
     runner_poll_s: float = 1.0
     worker_queues: str = "lego"
     worker_concurrency: int = 1

@@ -71,6 +71,22 @@ def test_small_input_adaptations():
     assert build_model("googlenet", 10, MNIST_SPEC).conv1.conv.in_channels == 1
 
 
+def test_resnet_small_is_a_cifar_resnet20_with_residual_adds():
+    torch.manual_seed(0)
+    model = build_model("resnet_small", 10, CIFAR10_SPEC).eval()
+    assert 260_000 < sum(p.numel() for p in model.parameters()) < 280_000
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    widths = [c.out_channels for c in convs if c.kernel_size == (3, 3)]
+    assert widths == [16] * 7 + [32] * 6 + [64] * 6
+    example = torch.randn(2, *CIFAR10_SPEC.shape)
+    exported = torch.export.export(model, (example,))
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(example), model(example), atol=1e-4)
+    adds = [n for n in exported.graph.nodes if n.target == torch.ops.aten.add.Tensor]
+    assert len(adds) == 9  # one residual add per basic block
+    assert run(build_model("resnet_small", 3, MNIST_SPEC), MNIST_SPEC).shape == (2, 3)
+
+
 def test_relus_are_out_of_place():
     for arch in ("resnet18", "mobilenet_v2", "vgg11_bn"):
         model = build_model(arch, 10, CIFAR10_SPEC)

@@ -97,3 +97,16 @@ def client(broker_url: str, queue: str) -> Celery:
 def send(settings: Settings, job_id: int) -> None:
     queue = settings.worker_queues.split(",")[0].strip() or "lego"
     client(settings.broker_url, queue).send_task(TASK_NAME, args=[job_id], queue=queue)
+
+
+def queue_empty(settings: Settings) -> bool:
+    """Whether the broker holds no message for the first queue (a missing queue is empty)."""
+    from kombu.exceptions import ChannelError
+
+    queue = settings.worker_queues.split(",")[0].strip() or "lego"
+    with client(settings.broker_url, queue).connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)
+        try:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count == 0
+        except ChannelError:
+            return True

@@ -18,8 +18,10 @@ marks them failed once they used `job_max_attempts` attempts.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -327,6 +329,8 @@ def execute(env: Env, job_id: int, worker: str | None = None) -> Outcome:
                 f"gave up after {job.attempts} attempts: {type(exc).__name__}: {exc}",
             )
         except Exception as exc:
+            if storage_full(env, exc):
+                return _fail(env, job.id, worker, f"the artifact storage is full: {exc}")
             log.exception("job %s failed", job.id)
             return _fail(env, job.id, worker, f"internal error: {type(exc).__name__}: {exc}")
         except BaseException:
@@ -354,8 +358,15 @@ def execute(env: Env, job_id: int, worker: str | None = None) -> Outcome:
 # --------------------------------------------------------------------------- reaper
 
 
-def reap(env: Env, dispatch: Callable[[int], None] | None = None) -> dict[str, list[int]]:
-    """Requeue or fail running jobs whose heartbeat stopped; returns the job ids."""
+def reap(
+    env: Env,
+    dispatch: Callable[[int], None] | None = None,
+    queue_empty: Callable[[], bool] | None = None,
+) -> dict[str, list[int]]:
+    """Requeue or fail running jobs whose heartbeat stopped; returns the job ids.
+
+    With `queue_empty` (a broker), also send again queued jobs whose message was lost.
+    """
     stale_s = env.settings.job_stale_s
     cutoff = utcnow() - timedelta(seconds=stale_s)
     requeued: list[int] = []
@@ -377,6 +388,7 @@ def reap(env: Env, dispatch: Callable[[int], None] | None = None) -> dict[str, l
                         status="queued",
                         worker=None,
                         run_after=None,
+                        heartbeat_at=utcnow(),  # for a queued job: when it was last sent
                         message=f"worker {worker} stopped responding; queued again",
                     )
                 )
@@ -404,14 +416,122 @@ def reap(env: Env, dispatch: Callable[[int], None] | None = None) -> dict[str, l
                 dispatch(job_id)
             except Exception:
                 log.exception("reaper: could not dispatch job %s", job_id)
-    return {"requeued": requeued, "failed": failed}
+    out = {"requeued": requeued, "failed": failed}
+    if dispatch is not None and queue_empty is not None:
+        resent = resend_lost(env, dispatch, queue_empty)
+        if resent:
+            out["resent"] = resent
+    return out
+
+
+def resend_lost(
+    env: Env, dispatch: Callable[[int], None], queue_empty: Callable[[], bool]
+) -> list[int]:
+    """Send again the queued jobs whose broker message was lost.
+
+    A broker that restarts without persistence loses its queue, and a worker that dies
+    holding a delayed retry takes that message with it; the catalog still says `queued`.
+    Such a job has waited more than `job_stale_s` since it was queued, sent or due, while
+    the broker's queue is empty (a worker holds only the messages of jobs it runs, so an
+    empty queue means nobody will deliver it). Sending a duplicate is harmless: a job is
+    claimed once. `heartbeat_at` of a queued job records when it was last sent.
+    """
+    cutoff = utcnow() - timedelta(seconds=env.settings.job_stale_s)
+    waited = (
+        Job.status == "queued",
+        func.coalesce(Job.heartbeat_at, Job.created_at) < cutoff,
+        Job.created_at < cutoff,
+        or_(Job.run_after.is_(None), Job.run_after < cutoff),
+    )
+    with env.catalog.session() as s:
+        candidates = list(s.scalars(select(Job.id).where(*waited).order_by(Job.id).limit(1000)))
+    if not candidates:
+        return []
+    try:
+        if not queue_empty():
+            return []
+    except Exception:  # the broker is down: nothing can be sent now anyway
+        log.warning("reaper: cannot read the broker's queue", exc_info=True)
+        return []
+    resent: list[int] = []
+    for job_id in candidates:
+        with env.catalog.session() as s:  # one reaper wins each job
+            res = s.execute(
+                update(Job).where(Job.id == job_id, *waited).values(heartbeat_at=utcnow())
+            )
+            if res.rowcount != 1:
+                continue
+        try:
+            dispatch(job_id)
+        except Exception:
+            log.exception("reaper: could not send job %s again", job_id)
+            break
+        resent.append(job_id)
+    if resent:
+        log.warning(
+            "reaper: sent again %d queued jobs whose message was lost: %s", len(resent), resent
+        )
+    return resent
+
+
+def storage_full(env: Env, exc: BaseException) -> bool:
+    """Whether a job failed because the artifact disk is full: ENOSPC/EDQUOT anywhere in
+    the exception's chain (torch's writers wrap it in a RuntimeError), or no space left."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(env.storage.root).free < 64 * 1024
+    except OSError:
+        return False
+
+
+def sweep_orphans(env: Env) -> list[str]:
+    """Delete artifacts that no row references and temp files, older than `orphan_grace_s`.
+
+    A job that stored its artifact and then could not record it (its worker died, or the
+    database went away) leaves an object nobody references; a killed writer leaves a temp
+    file. Objects are written (or, when they exist, touched) just before the row that
+    references them is committed, so an old unreferenced object is an orphan.
+    """
+    from app.catalog import artifact_in_use
+
+    cutoff = time.time() - env.settings.orphan_grace_s
+    removed: list[str] = []
+
+    def old(p) -> bool:
+        try:
+            return p.is_file() and p.stat().st_mtime < cutoff
+        except OSError:
+            return False
+
+    candidates = [p for p in env.storage.objects.glob("*/*") if old(p)]
+    if candidates:
+        with env.catalog.session() as s:
+            for p in candidates:
+                if not artifact_in_use(s, p.name) and old(p):
+                    env.storage.delete(p.name)
+                    removed.append(p.name)
+    env.storage.clean_tmp(older_than_s=env.settings.orphan_grace_s)
+    if removed:
+        log.warning("reaper: deleted %d orphaned artifacts", len(removed))
+    return removed
 
 
 class Reaper:
     """A daemon thread that calls `reap` every `reaper_interval_s`."""
 
-    def __init__(self, env: Env, dispatch: Callable[[int], None] | None) -> None:
-        self.env, self.dispatch = env, dispatch
+    def __init__(
+        self,
+        env: Env,
+        dispatch: Callable[[int], None] | None,
+        queue_empty: Callable[[], bool] | None = None,
+    ) -> None:
+        self.env, self.dispatch, self.queue_empty = env, dispatch, queue_empty
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lego-reaper", daemon=True)
 
@@ -424,8 +544,13 @@ class Reaper:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        last_sweep = time.monotonic()
+        sweep_every = max(self.env.settings.orphan_grace_s / 4, self.env.settings.reaper_interval_s)
         while not self._stop.wait(self.env.settings.reaper_interval_s):
             try:
-                reap(self.env, self.dispatch)
+                reap(self.env, self.dispatch, self.queue_empty)
+                if time.monotonic() - last_sweep >= sweep_every:
+                    last_sweep = time.monotonic()
+                    sweep_orphans(self.env)
             except Exception:
                 log.warning("reaper pass failed", exc_info=True)

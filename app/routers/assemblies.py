@@ -16,7 +16,7 @@ from app import adapters
 from app.auth import current_owner
 from app.catalog import ACTIVE_STATES, Assembly, AssemblySource, ComponentSet, Dataset, Model
 from app.predict import b64decode_image, decode_image, predict
-from app.routers.common import drop_artifacts, owned, resolve_classes, unprocessable
+from app.routers.common import PathId, drop_artifacts, owned, resolve_classes, unprocessable
 from app.schemas import AssemblyIn, AssemblyOut, PredictIn, PredictOut
 from app.services import Services, services
 from worker.runtime import create_job
@@ -115,13 +115,13 @@ def list_assemblies(owner: Owner, svc: Svc):
 
 
 @router.get("/assemblies/{assembly_id}", response_model=AssemblyOut)
-def get_assembly(assembly_id: int, owner: Owner, svc: Svc):
+def get_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         return AssemblyOut.of(owned(s, Assembly, assembly_id, owner, "assembly"))
 
 
 @router.delete("/assemblies/{assembly_id}", status_code=204)
-def delete_assembly(assembly_id: int, owner: Owner, svc: Svc):
+def delete_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         a = owned(s, Assembly, assembly_id, owner, "assembly")
         if a.job is not None and a.job.status in ACTIVE_STATES:
@@ -147,7 +147,7 @@ def finished_artifact(svc: Services, owner: str, assembly_id: int) -> tuple[str,
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download_assembly(assembly_id: int, owner: Owner, svc: Svc):
+def download_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
     sha, name = finished_artifact(svc, owner, assembly_id)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "assembly"
     return FileResponse(
@@ -178,7 +178,7 @@ def run_predict(svc: Services, sha: str, blobs: list[bytes], top_k: int) -> Pred
 
 @router.get("/assemblies/{assembly_id}/predict", response_model=PredictOut)
 def predict_get(
-    assembly_id: int,
+    assembly_id: PathId,
     owner: Owner,
     svc: Svc,
     image: Annotated[str, Query(description="base64url PNG or JPEG")],
@@ -210,7 +210,9 @@ PREDICT_BODY = {
 @router.post(
     "/assemblies/{assembly_id}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
 )
-async def predict_post(assembly_id: int, request: Request, owner: Owner, svc: Svc, top_k: TopK = 3):
+async def predict_post(
+    assembly_id: PathId, request: Request, owner: Owner, svc: Svc, top_k: TopK = 3
+):
     sha, _ = await run_in_threadpool(finished_artifact, svc, owner, assembly_id)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     blobs: list[bytes] = []

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import HTTPException, UploadFile
+from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
-from app.catalog import artifact_in_use
+from app.catalog import MAX_ID, artifact_in_use
 from app.storage import Storage
+
+# An id in the URL path: 1..MAX_ID, so that a huge number is a 422 (never reaches the driver).
+PathId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 
 def owned(session: Session, cls, ident: int, owner: str, what: str):
@@ -60,6 +64,8 @@ def resolve_classes(class_names: list[str], wanted: list[int | str], what: str) 
     from lego_core.errors import UnknownClassError
 
     out: list[int] = []
+    seen: set[int] = set()
+    index = {name: i for i, name in reversed(list(enumerate(class_names)))}  # first wins
     for c in wanted:
         if isinstance(c, bool):
             raise UnknownClassError(f"{what} has no class {c!r}")
@@ -69,15 +75,23 @@ def resolve_classes(class_names: list[str], wanted: list[int | str], what: str) 
                     f"{what} has no class index {c} (it has {len(class_names)} classes)"
                 )
             i = c
-        elif c in class_names:
-            i = class_names.index(c)
-        elif c.strip().isdigit() and int(c) < len(class_names):
-            i = int(c)
+        elif c in index:
+            i = index[c]
+        elif _small_index(c) is not None and _small_index(c) < len(class_names):
+            i = _small_index(c)
         else:
             raise UnknownClassError(
                 f"{what} has no class {c!r}; its classes are {', '.join(map(str, class_names))}"
             )
-        if i in out:
+        if i in seen:
             raise UnknownClassError(f"class {class_names[i]!r} of {what} is listed twice")
+        seen.add(i)
         out.append(i)
     return out
+
+
+def _small_index(text: str) -> int | None:
+    """A class index written as a string ("3"); None for anything else (unicode digits such
+    as "²" and 5000-digit numbers included, which int() refuses)."""
+    t = text.strip()
+    return int(t) if t.isascii() and t.isdigit() and len(t) <= 9 else None

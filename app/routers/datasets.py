@@ -12,7 +12,7 @@ from sqlalchemy import select
 from app import adapters
 from app.auth import current_owner
 from app.catalog import ACTIVE_STATES, Assembly, ComponentSet, Dataset, Job
-from app.routers.common import drop_artifacts, owned, save_upload, unprocessable
+from app.routers.common import PathId, drop_artifacts, owned, save_upload, unprocessable
 from app.schemas import DatasetOut
 from app.services import Services, services
 
@@ -123,13 +123,13 @@ def list_datasets(owner: Owner, svc: Svc):
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: int, owner: Owner, svc: Svc):
+def get_dataset(dataset_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         return DatasetOut.of(owned(s, Dataset, dataset_id, owner, "dataset"))
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204)
-def delete_dataset(dataset_id: int, owner: Owner, svc: Svc):
+def delete_dataset(dataset_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         d = owned(s, Dataset, dataset_id, owner, "dataset")
         if s.scalar(select(ComponentSet.id).where(ComponentSet.dataset_id == d.id).limit(1)):

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from app.auth import current_owner
 from app.catalog import JOB_STATES, Job
-from app.routers.common import owned
+from app.routers.common import PathId, owned
 from app.schemas import JobOut
 from app.services import Services, services
 
@@ -33,6 +33,6 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: int, owner: Owner, svc: Svc):
+def get_job(job_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         return JobOut.of(owned(s, Job, job_id, owner, "job"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
@@ -9,8 +10,9 @@ from sqlalchemy import select
 
 from app import adapters
 from app.auth import current_owner
-from app.catalog import AssemblySource, ComponentSet, Dataset, Job, Model
+from app.catalog import MAX_ID, AssemblySource, ComponentSet, Dataset, Job, Model
 from app.routers.common import (
+    PathId,
     drop_artifacts,
     owned,
     parse_json_field,
@@ -37,7 +39,7 @@ def parse_class_names(raw: str) -> list[str]:
         if isinstance(n, bool) or not isinstance(n, str | int) or not str(n).strip():
             raise unprocessable(f"class_names: {n!r} is not a class name (a non-empty string)")
         out.append(str(n))
-    dup = sorted({n for n in out if out.count(n) > 1})
+    dup = sorted(n for n, k in Counter(out).items() if k > 1)  # linear: lists may be long
     if dup:
         raise unprocessable(f"class_names lists {', '.join(map(repr, dup))} more than once")
     return out
@@ -74,10 +76,12 @@ def register_model(
     arch: Annotated[str, Form(description="registry architecture, 'exported' or 'torchscript'")],
     class_names: Annotated[str, Form(description='JSON list, e.g. ["cat", "dog"]')],
     input_spec: Annotated[str, Form(description='JSON {"channels","height","width","mean","std"}')],
-    dataset_id: Annotated[int | None, Form(description="locate on this dataset at once")] = None,
+    dataset_id: Annotated[
+        int | None, Form(ge=1, le=MAX_ID, description="locate on this dataset at once")
+    ] = None,
 ):
     names = parse_class_names(class_names)
-    spec = adapters.input_spec(parse_json_field(input_spec, "input_spec"))
+    spec = adapters.parse_input_spec(parse_json_field(input_spec, "input_spec"))
     arches = adapters.known_arches()
     if arch not in arches:
         raise unprocessable(f"unknown arch {arch!r}; use one of {', '.join(arches)}")
@@ -142,13 +146,13 @@ def list_models(owner: Owner, svc: Svc):
 
 
 @router.get("/models/{model_id}", response_model=ModelOut)
-def get_model(model_id: int, owner: Owner, svc: Svc):
+def get_model(model_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         return ModelOut.of(owned(s, Model, model_id, owner, "model"))
 
 
 @router.delete("/models/{model_id}", status_code=204)
-def delete_model(model_id: int, owner: Owner, svc: Svc):
+def delete_model(model_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         m = owned(s, Model, model_id, owner, "model")
         users = s.scalars(
@@ -170,7 +174,7 @@ def delete_model(model_id: int, owner: Owner, svc: Svc):
 
 
 @router.post("/models/{model_id}/locate", status_code=202, response_model=Accepted)
-def locate_components(model_id: int, body: LocateIn, owner: Owner, svc: Svc):
+def locate_components(model_id: PathId, body: LocateIn, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         m = owned(s, Model, model_id, owner, "model")
         ds = owned(s, Dataset, body.dataset_id, owner, "dataset")
@@ -182,7 +186,7 @@ def locate_components(model_id: int, body: LocateIn, owner: Owner, svc: Svc):
 
 
 @router.get("/models/{model_id}/components", response_model=ComponentsOut)
-def list_components(model_id: int, owner: Owner, svc: Svc):
+def list_components(model_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         m = owned(s, Model, model_id, owner, "model")
         sets = []
@@ -204,13 +208,13 @@ def list_components(model_id: int, owner: Owner, svc: Svc):
     responses={200: {"content": {"image/svg+xml": {}}}},
 )
 def routes_svg(
-    model_id: int,
+    model_id: PathId,
     owner: Owner,
     svc: Svc,
     classes: Annotated[
         str | None, Query(description="comma-separated class names or indices (default: all)")
     ] = None,
-    component_set_id: int | None = None,
+    component_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ):
     with svc.catalog.session() as s:
         m = owned(s, Model, model_id, owner, "model")

@@ -38,7 +38,7 @@ def _checks(svc: Services) -> dict[str, dict]:
     return checks
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Not ready: the failing checks"}})
 async def readyz(svc: Svc):
     """Database, broker and storage reachable: 200, else 503 with what failed."""
     checks = await run_in_threadpool(_checks, svc)
@@ -49,7 +49,11 @@ async def readyz(svc: Svc):
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
 async def prometheus(svc: Svc):
     body, ctype = await run_in_threadpool(metrics.render, svc.catalog)
     return Response(body, media_type=ctype)
