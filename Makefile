@@ -30,8 +30,10 @@ soak: $(STAMP)
 
 # Trains the source models (cached in .cache/experiments), measures the paper's
 # tables with lego_core and writes docs/RESULTS.md and docs/sensitivity.png
-# (about 40 minutes on 2 CPU cores; `$(BIN)/python -m experiments.reproduce --quick`
-# is a smoke run that writes under .cache/experiments/quick instead).
+# (measured on the shared 2-core machine under load: about 50 minutes of training,
+# then 26 for locating and the tables; a re-run with cached models takes the 26.
+# `$(BIN)/python -m experiments.reproduce --quick` is a smoke run on little data
+# that writes under .cache/experiments/quick instead).
 reproduce: $(STAMP)
 	$(BIN)/python -m experiments.reproduce
 
