@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     archive_max_ratio: float = 100.0
     max_image_pixels: int = 25_000_000
     max_predict_images: int = 256
+    min_free_disk_bytes: int = Field(
+        256 * MiB, description="/readyz reports not ready when the artifact disk has less free."
+    )
 
     # Jobs.
     job_time_limit_s: int = 6 * 3600

@@ -160,6 +160,10 @@ class Storage:
             f.flush()
             os.fsync(f.fileno())
 
+    def free_bytes(self) -> int:
+        """Bytes free for writing on the artifact disk."""
+        return shutil.disk_usage(self.root).free
+
     def listing(self) -> set[str]:
         """Every object name (for tests and audits)."""
         return {p.name for p in self.objects.glob("*/*") if p.is_file()}

@@ -610,7 +610,7 @@ def _decode_image(
             img.load()
             if spec is None:
                 return None
-            img = img.convert("L" if spec.channels == 1 else "RGB")
+            img = to_8bit(img).convert("L" if spec.channels == 1 else "RGB")
             if img.size != (spec.width, spec.height):
                 img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
@@ -633,6 +633,17 @@ def _decode_image(
     # H x W (L) or H x W x 3 (RGB) -> C x H x W
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return np.ascontiguousarray(array)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit greyscale as 8-bit, scaled. Pillow's convert("L") clips at 255,
+    which would turn every non-black pixel of a 16-bit image white."""
+    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return img
+    a = np.asarray(img)
+    if img.mode == "I" and a.size and int(a.max()) <= 255:
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8))
 
 
 def _check_request(classes: Sequence[str] | None, per_class_limit: int | None) -> list[str] | None:

@@ -18,6 +18,7 @@ works on.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -53,13 +54,16 @@ def export_model(assembled, path: str | Path) -> dict:
         "form": assembled.form,
         "scaling": assembled.scaling,
     }
+    # Serialised in memory, then written by Python: torch's own file writer aborts
+    # the whole process when the disk fills, where Python raises OSError(ENOSPC).
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     os.close(fd)
     try:
-        # Written through a file object: torch.export wants a ".pt2" name for paths.
         with open(tmp, "wb") as f:
-            torch.export.save(program, f, extra_files={META_FILE: json.dumps(meta)})
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -247,15 +247,17 @@ def assert_refused(path: Path, match: str, limits: ArchiveLimits = ArchiveLimits
 
 
 def test_refuses_parent_directory_member(tmp_path):
-    archive = make_tar(tmp_path / "evil.tar.gz", {"cat/a.png": png_bytes(1),
-                                                  "../escaped.png": png_bytes(2)})
+    archive = make_tar(
+        tmp_path / "evil.tar.gz", {"cat/a.png": png_bytes(1), "../escaped.png": png_bytes(2)}
+    )
     assert_refused(archive, r"'\.\./escaped\.png' has a '\.\.' path component")
     assert not (tmp_path.parent / "escaped.png").exists()
 
 
 def test_refuses_windows_style_parent_member(tmp_path):
-    archive = make_zip(tmp_path / "evil.zip", {"cat/a.png": png_bytes(1),
-                                               "cat\\..\\..\\x.png": png_bytes(2)})
+    archive = make_zip(
+        tmp_path / "evil.zip", {"cat/a.png": png_bytes(1), "cat\\..\\..\\x.png": png_bytes(2)}
+    )
     assert_refused(archive, r"'\.\.' path component")
 
 
@@ -281,7 +283,7 @@ def test_refuses_zip_symlink_member(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("cat/a.png", png_bytes(1))
         info = zipfile.ZipInfo("cat/link.png")
-        info.external_attr = (0o120777 << 16)  # S_IFLNK
+        info.external_attr = 0o120777 << 16  # S_IFLNK
         zf.writestr(info, "/etc/passwd")
     assert_refused(path, "'cat/link.png' is a link")
 
@@ -314,8 +316,9 @@ def test_refuses_too_many_members(tmp_path):
 
 
 def test_refuses_zip_bomb_member(tmp_path):
-    archive = make_zip(tmp_path / "bomb.zip", {"cat/a.png": png_bytes(1),
-                                               "cat/bomb.png": bytes(20 << 20)})
+    archive = make_zip(
+        tmp_path / "bomb.zip", {"cat/a.png": png_bytes(1), "cat/bomb.png": bytes(20 << 20)}
+    )
     assert archive.stat().st_size < 100_000
     assert_refused(archive, "compresses .* over the 100:1 limit; refusing a possible zip bomb")
 
@@ -348,8 +351,9 @@ def test_refuses_oversized_member(tmp_path):
 
 def test_refuses_image_over_pixel_limit(tmp_path):
     archive = make_zip(tmp_path / "huge.zip", {"cat/a.png": png_bytes(1, size=(200, 200))})
-    assert_refused(archive, "200x200 pixels, over the 10000-pixel limit",
-                   ArchiveLimits(max_pixels=10_000))
+    assert_refused(
+        archive, "200x200 pixels, over the 10000-pixel limit", ArchiveLimits(max_pixels=10_000)
+    )
 
 
 def test_refuses_pillow_decompression_bomb(tmp_path):
@@ -358,8 +362,9 @@ def test_refuses_pillow_decompression_bomb(tmp_path):
     Image.new("1", (20000, 20000)).save(big, format="PNG")
     archive = make_zip(tmp_path / "bomb.zip", {"cat/a.png": big.getvalue()})
     # Our limit is raised out of the way, so Pillow's own check is the one that fires.
-    assert_refused(archive, "'cat/a.png' is too large to decode safely",
-                   ArchiveLimits(max_pixels=10**12))
+    assert_refused(
+        archive, "'cat/a.png' is too large to decode safely", ArchiveLimits(max_pixels=10**12)
+    )
 
 
 def test_refuses_duplicate_members(tmp_path):
@@ -371,14 +376,17 @@ def test_refuses_duplicate_members(tmp_path):
 
 
 def test_refuses_non_image_in_class_folder(tmp_path):
-    archive = make_tar(tmp_path / "mixed.tar.gz", {"cat/a.png": png_bytes(1),
-                                                   "cat/notes.txt": b"hello"})
+    archive = make_tar(
+        tmp_path / "mixed.tar.gz", {"cat/a.png": png_bytes(1), "cat/notes.txt": b"hello"}
+    )
     assert_refused(archive, "'cat/notes.txt' in class folder 'cat' is not an image")
 
 
 def test_refuses_undecodable_image_naming_it(tmp_path):
-    archive = make_zip(tmp_path / "broken.zip", {"cat/a.png": png_bytes(1),
-                                                 "cat/broken.png": b"\x89PNG not really"})
+    archive = make_zip(
+        tmp_path / "broken.zip",
+        {"cat/a.png": png_bytes(1), "cat/broken.png": b"\x89PNG not really"},
+    )
     assert_refused(archive, "'cat/broken.png' is not a decodable image")
 
 
@@ -388,8 +396,9 @@ def test_refuses_truncated_image(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
         noisy, format="PNG"
     )
-    archive = make_zip(tmp_path / "cut.zip", {"cat/a.png": good,
-                                              "cat/cut.png": noisy.getvalue()[:-200]})
+    archive = make_zip(
+        tmp_path / "cut.zip", {"cat/a.png": good, "cat/cut.png": noisy.getvalue()[:-200]}
+    )
     assert_refused(archive, "'cat/cut.png' is not a decodable image")
 
 
@@ -414,8 +423,9 @@ def test_refuses_images_outside_class_folders(tmp_path):
 
 
 def test_refuses_nesting_below_class_folders(tmp_path):
-    archive = make_zip(tmp_path / "deep.zip", {"train/cat/a.png": png_bytes(1),
-                                               "test/cat/b.png": png_bytes(2)})
+    archive = make_zip(
+        tmp_path / "deep.zip", {"train/cat/a.png": png_bytes(1), "test/cat/b.png": png_bytes(2)}
+    )
     assert_refused(archive, "nested too deep")
 
 
@@ -439,3 +449,15 @@ def test_request_validation(tmp_path):
         load_image_folder(archive, SPEC_8, classes=["cat", "cat"])
     with pytest.raises(DatasetError, match="per_class_limit"):
         load_image_folder(archive, SPEC_8, per_class_limit=0)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    # A 16-bit PNG of mid grey: Pillow's own convert("L") would clip it to white.
+    for name, value16 in {"dark": 20 * 257, "mid": 128 * 257}.items():
+        (tmp_path / name).mkdir()
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8), value16, dtype=np.uint16)).save(buffer, format="PNG")
+        (tmp_path / name / "a.png").write_bytes(buffer.getvalue())
+    data = load_image_folder(tmp_path, MNIST_SPEC)
+    assert data.class_names == ["dark", "mid"]
+    assert data.images[:, 0, 0, 0].tolist() == [20, 128]

@@ -32,7 +32,11 @@ def _checks(svc: Services) -> dict[str, dict]:
     checks["broker"] = {"ok": ok, "detail": detail[:300]}
     try:
         svc.storage.check_writable()
-        checks["storage"] = {"ok": True, "detail": str(svc.storage.root)}
+        free, minimum = svc.storage.free_bytes(), svc.settings.min_free_disk_bytes
+        detail = f"{svc.storage.root}: {free // 2**20} MiB free"
+        if free < minimum:
+            detail += f", under the {minimum // 2**20} MiB minimum (LEGO_MIN_FREE_DISK_BYTES)"
+        checks["storage"] = {"ok": free >= minimum, "detail": detail, "free_bytes": free}
     except OSError as exc:
         checks["storage"] = {"ok": False, "detail": f"{exc}"[:300]}
     return checks
@@ -40,7 +44,8 @@ def _checks(svc: Services) -> dict[str, dict]:
 
 @router.get("/readyz", responses={503: {"description": "Not ready: the failing checks"}})
 async def readyz(svc: Svc):
-    """Database, broker and storage reachable: 200, else 503 with what failed."""
+    """Database, broker and storage reachable, storage with enough free space: 200, else
+    503 with what failed."""
     checks = await run_in_threadpool(_checks, svc)
     ready = all(c["ok"] for c in checks.values())
     return JSONResponse(

@@ -479,6 +479,7 @@ class Stack:
             job_retry_delay_s=0.5,
             orphan_grace_s=ORPHAN_GRACE_S,
             device="cpu",
+            min_free_disk_bytes=1 << 20,
         )
         self.common.update(settings)
         self.procs: dict[str, Proc] = {}

@@ -161,7 +161,8 @@ def test_disk_full_full_stack(tmp_path, trained_lenets, mnist_small, mnist_membe
     traffic = Traffic()
     with (
         tmpfs(tmp_path / "disk", "4m") as disk,
-        full_stack(tmp_path, workers=1, storage_dir=disk) as st,
+        # 4 MiB disk, 256 KiB fillers: ready while empty, not ready once full.
+        full_stack(tmp_path, workers=1, storage_dir=disk, min_free_disk_bytes=300 << 10) as st,
     ):
         http = st.http()
         ids = setup_journey(http, trained_lenets, mnist_small)
@@ -177,6 +178,8 @@ def test_disk_full_full_stack(tmp_path, trained_lenets, mnist_small, mnist_membe
         failed = http.wait_assembly(r.json()["id"])
         assert failed["status"] == "failed" and "full" in failed["error"], failed
         ready = st.http().client.get("/readyz")
+        storage_check = ready.json()["checks"]["storage"]
+        assert ready.status_code == 503 and "under the" in storage_check["detail"]
         full_report = st.audit()
         assert_consistent(full_report)
         for ds in stored:
@@ -187,6 +190,7 @@ def test_disk_full_full_stack(tmp_path, trained_lenets, mnist_small, mnist_membe
         assert asm["status"] == "succeeded", asm
         after = st.audit()
         assert_consistent(after)
+        assert st.http().client.get("/readyz").status_code == 200
         figures.record(
             "disk_full_full_stack",
             disk="tmpfs 4 MiB",

@@ -181,6 +181,7 @@ def make_settings(root: Path, **over):
         runner_poll_s=0.05,
         job_retry_delay_s=0.1,
         device="cpu",
+        min_free_disk_bytes=1 << 20,  # the shared test disk may run low; see test_readyz_*
     )
     kw.update(over)
     return Settings(**kw)

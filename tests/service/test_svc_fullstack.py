@@ -50,6 +50,7 @@ def _stack(tmp_path_factory, pg_url, redis_url):
         job_stale_s=4,
         reaper_interval_s=0.5,
         device="cpu",
+        min_free_disk_bytes=1 << 20,
     )
     api = Proc(
         ["serve", "--host", "127.0.0.1", "--port", str(port)],

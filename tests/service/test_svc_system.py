@@ -49,6 +49,17 @@ def test_readyz_503_when_broker_unreachable(tmp_path):
         assert body["checks"]["database"]["ok"] is True
 
 
+def test_readyz_503_when_disk_nearly_full(tmp_path):
+    settings = make_settings(tmp_path, min_free_disk_bytes=1 << 62)  # more than any disk has
+    upgrade(settings.resolved_database_url)
+    with TestClient(create_app(settings, background=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        storage = r.json()["checks"]["storage"]
+        assert storage["ok"] is False and "under the" in storage["detail"]
+        assert storage["free_bytes"] > 0
+
+
 def test_readyz_503_when_database_unreachable(tmp_path):
     settings = make_settings(tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
     with TestClient(create_app(settings, background=False)) as c:
