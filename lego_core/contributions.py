@@ -16,18 +16,81 @@ non-negative (after a ReLU) the sum over samples is max(w, 0) * sum(a).
 
 Per-class sums of one batch are formed in float32 and accumulated across
 batches in float64, so that adding shards (whole batches) in any order gives
-the same masks as one pass.
+the same masks as one pass. The tap sums S cost about one pass over the input
+(stride 1: a tap's window is the total minus the few rows or columns it misses),
+and the per-sample values are produced, clamped and summed per class in blocks
+that stay in the CPU cache.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
-import torch.nn.functional as F
 
 from lego_core.graph import Node
 
-# Largest B x Q x P block (elements) materialised at once.
-_BLOCK_ELEMENTS = 1 << 24
+# Largest block of per-sample values (elements) materialised at once: 2^20 float32
+# = 4 MiB, so that the product, the clamp and the class sums run in the CPU cache.
+_BLOCK_ELEMENTS = 1 << 20
+# Feature maps of at most this many positions get their tap sums from one product.
+_SMALL_MAP = 64
+
+
+def _window_sums(x: torch.Tensor, dim: int, taps: int, stride, pad, dilation, out) -> torch.Tensor:
+    """Sums of `x` along `dim` over the positions each kernel tap visits, for every
+    tap (stacked at `dim`). Padding is zeros, so only in-range positions are added,
+    and no padded copy is made. With stride 1 a tap that visits most positions is
+    the total minus the few it misses: one pass over `x` instead of one per tap."""
+    n = x.shape[dim]
+    total = None
+    per_tap = []
+    for i in range(taps):
+        start = i * dilation - pad
+        stop = start + (out - 1) * stride + 1  # exclusive
+        if stride == 1:
+            lo, hi = max(start, 0), min(stop, n)
+            if hi - lo > n // 2:
+                if total is None:
+                    total = x.sum(dim)
+                part = total
+                if lo > 0:
+                    part = part - x.narrow(dim, 0, lo).sum(dim)
+                if hi < n:
+                    part = part - x.narrow(dim, hi, n - hi).sum(dim)
+            else:
+                part = x.narrow(dim, lo, max(hi - lo, 0)).sum(dim)
+        else:
+            if start < 0:  # first position inside x
+                start += -(start // stride) * stride
+            index = [slice(None)] * x.dim()
+            index[dim] = slice(start, min(stop, n), stride)
+            part = x[tuple(index)].sum(dim)
+        per_tap.append(part)
+    return torch.stack(per_tap, dim)
+
+
+def _visits(n: int, taps: int, stride: int, pad: int, dilation: int, out: int) -> torch.Tensor:
+    """[n, taps]: how many output positions read input position r through tap i."""
+    counts = torch.zeros(n, taps)
+    for i in range(taps):
+        for o in range(out):
+            r = i * dilation - pad + o * stride
+            if 0 <= r < n:
+                counts[r, i] += 1
+    return counts
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_matrix(h, w, kernel, stride, padding, dilation, dtype, device) -> torch.Tensor:
+    """[H*W, kh*kw] with S = x.view(B*P, H*W) @ this (tap (i, j) of pixel (r, c))."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    rows, cols = _visits(h, kh, sh, ph, dh, out_h), _visits(w, kw, sw, pw, dw, out_w)
+    matrix = torch.einsum("ri,cj->rcij", rows, cols).reshape(h * w, kh * kw)
+    return matrix.to(dtype=dtype, device=device)
 
 
 def tap_sums(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation) -> torch.Tensor:
@@ -38,16 +101,15 @@ def tap_sums(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation
     ph, pw = padding
     dh, dw = dilation
     b, p, h, w = x.shape
+    if h * w <= _SMALL_MAP:  # one matrix product beats many tiny window sums
+        key = (tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+        matrix = _tap_matrix(h, w, *key, x.dtype, x.device)
+        return (x.reshape(b * p, h * w) @ matrix).view(b, p, kh * kw)
     out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
-    # Separable: first sum the rows each tap row i visits, then the columns.
-    rows = torch.stack(
-        [xp[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, :].sum(2) for i in range(kh)], 2
-    )  # [B, P, kh, Wp]
-    taps = torch.stack(
-        [rows[..., j * dw : j * dw + (out_w - 1) * sw + 1 : sw].sum(-1) for j in range(kw)], 3
-    )  # [B, P, kh, kw]
+    # Separable: first the rows each tap row visits, then the columns.
+    rows = _window_sums(x, 2, kh, sh, ph, dh, out_h)  # [B, P, kh, W]
+    taps = _window_sums(rows, 3, kw, sw, pw, dw, out_w)  # [B, P, kh, kw]
     return taps.reshape(b, p, kh * kw)
 
 
@@ -73,22 +135,38 @@ def conv_class_sums(
 ) -> torch.Tensor:
     """Clamped contributions summed per class: [num_classes, Q, P / groups].
 
-    Same numbers as summing `conv_contributions` per class, laid out so that
-    every large intermediate is contiguous: one batched matmul over the input
-    channels ([P, B, K] x [P, K, Q/groups]), an in-place clamp, and a class
-    sum of the [P, B, Q/groups] block in float32 (only the small per-class
-    result is widened to float64 by the caller)."""
+    Same numbers as summing `conv_contributions` per class. Samples are ordered by
+    class, so each class is a contiguous run of rows; the input channels are taken
+    in chunks whose [chunk, B, Q/groups] block of per-sample values fits the cache:
+    one batched matmul ([chunk, B, K] x [chunk, K, Q/groups]) into a reused buffer,
+    an in-place clamp, and one sum per class run, all in float32 (the caller widens
+    the small result)."""
     q, pg, kh, kw = weight.shape
     k = kh * kw
     qg = q // groups
     s = tap_sums(x, (kh, kw), stride, padding, dilation)  # [B, P, K]
-    per_input = s.permute(1, 0, 2).contiguous()  # [P, B, K]
+    b = s.shape[0]
+    if b > 1 and not bool((labels[1:] >= labels[:-1]).all()):
+        labels, order = torch.sort(labels, stable=True)
+        s = s[order]
+    per_input = s.permute(1, 0, 2).contiguous()  # [P, B, K], classes in runs
+    runs = torch.bincount(labels, minlength=num_classes).tolist()
+    starts = [0, *itertools.accumulate(runs)]
+    bounds = [(c, starts[c], n) for c, n in enumerate(runs) if n]
     w = weight.reshape(groups, qg, pg, k).permute(0, 2, 3, 1).reshape(groups * pg, k, qg)
-    out = torch.bmm(per_input, w).clamp_(min=0)  # [P, B, Q/groups]
-    sums = torch.zeros(groups * pg, num_classes, qg, dtype=out.dtype, device=out.device)
-    sums.index_add_(1, labels, out)  # [P, C, Q/groups]
-    # -> [C, groups, Q/groups, P/groups] -> [C, Q, P/groups]
-    sums = sums.view(groups, pg, num_classes, qg).permute(2, 0, 3, 1)
+    sums = torch.empty(num_classes, groups * pg, qg, dtype=s.dtype, device=s.device)
+    for c, n in enumerate(runs):
+        if not n:
+            sums[c].zero_()  # the other classes are written whole below
+    step = max(1, _BLOCK_ELEMENTS // max(1, b * qg))
+    buffer = torch.empty(min(step, groups * pg), b, qg, dtype=s.dtype, device=s.device)
+    for p0 in range(0, groups * pg, step):
+        p1 = min(p0 + step, groups * pg)
+        block = torch.bmm(per_input[p0:p1], w[p0:p1], out=buffer[: p1 - p0]).clamp_(min=0)
+        for c, start, n in bounds:
+            torch.sum(block[:, start : start + n], 1, out=sums[c, p0:p1])
+    # [C, P, Q/groups] -> [C, groups, Q/groups, P/groups] -> [C, Q, P/groups]
+    sums = sums.view(num_classes, groups, pg, qg).transpose(2, 3)
     return sums.reshape(num_classes, q, pg)
 
 
@@ -109,33 +187,34 @@ class ContributionAccumulator:
         self.labels: torch.Tensor | None = None
         self.weights: dict[str, torch.Tensor] = {}
 
+    def _accumulate(self, layer: str, part: torch.Tensor) -> None:
+        # float32 per block, float64 across blocks; the first block is the start
+        # value (no zeros to allocate and add to).
+        acc = self.sums.get(layer)
+        if acc is None:
+            self.sums[layer] = part.double()
+        else:
+            acc += part.double()  # (a mixed-dtype add_ is several times slower)
+
     def add(self, node: Node, x: torch.Tensor, weight: torch.Tensor) -> None:
         labels = self.labels
-        acc = self.sums.get(node.layer)
         if node.kind == "linear":
             q, p = weight.shape
-            if acc is None:
-                acc = self.sums[node.layer] = torch.zeros(
-                    self.num_classes, q, p, dtype=torch.float64, device=x.device
-                )
             if bool((x >= 0).all()):
                 per_class = torch.zeros(self.num_classes, p, dtype=x.dtype, device=x.device)
                 per_class.index_add_(0, labels, x)
-                acc += (weight.clamp(min=0)[None] * per_class[:, None, :]).double()
+                self._accumulate(node.layer, weight.clamp(min=0)[None] * per_class[:, None, :])
                 return
             step = max(1, _BLOCK_ELEMENTS // max(1, q * p))
             for i in range(0, x.shape[0], step):
                 part = linear_contributions(x[i : i + step], weight)
                 per_class = torch.zeros(self.num_classes, q, p, dtype=x.dtype, device=x.device)
-                acc += per_class.index_add_(0, labels[i : i + step], part).double()
+                self._accumulate(node.layer, per_class.index_add_(0, labels[i : i + step], part))
             return
         stride, padding, dilation, groups = node.conv_options()
-        q, pg = weight.shape[:2]
-        if acc is None:
-            acc = self.sums[node.layer] = torch.zeros(
-                self.num_classes, q, pg, dtype=torch.float64, device=x.device
-            )
-        step = max(1, _BLOCK_ELEMENTS // max(1, q * pg))
+        # conv_class_sums chunks the input channels; samples are split only when
+        # one input channel's [B, Q/groups] values alone exceed the block.
+        step = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[0] // groups))
         for i in range(0, x.shape[0], step):
             part = conv_class_sums(
                 x[i : i + step],
@@ -147,7 +226,7 @@ class ContributionAccumulator:
                 labels[i : i + step],
                 self.num_classes,
             )
-            acc += part.double()
+            self._accumulate(node.layer, part)
 
 
 def add_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

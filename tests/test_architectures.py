@@ -61,8 +61,10 @@ def test_small_input_adaptations():
     assert isinstance(vgg.features[-1], nn.Identity)  # 28 -> 14 -> 7 -> 3 -> 1: no fifth pool
     assert isinstance(vgg.avgpool, nn.AdaptiveAvgPool2d)
     assert [m.out_features for m in vgg.classifier if isinstance(m, nn.Linear)] == [512, 512, 10]
-    assert sum(isinstance(m, nn.MaxPool2d) for m in build_model("vgg16_bn", 10, CIFAR10_SPEC)
-               .features) == 5
+    assert (
+        sum(isinstance(m, nn.MaxPool2d) for m in build_model("vgg16_bn", 10, CIFAR10_SPEC).features)
+        == 5
+    )
     resnet = build_model("resnet18", 10, MNIST_SPEC)
     assert resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1)
     assert resnet.conv1.in_channels == 1 and isinstance(resnet.maxpool, nn.Identity)

@@ -59,12 +59,31 @@ def test_fast_conv_contributions_equal_the_oracle(
     assert (slow > 0).any() and (slow == 0).any()  # the clamp is exercised
 
 
-def test_tap_sums_match_unfold():
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [
+        ((3, 3), (2, 2), (1, 1), (1, 1)),
+        ((3, 3), (1, 1), (1, 1), (1, 1)),  # windows as the total minus an edge
+        ((3, 3), (1, 1), (0, 0), (1, 1)),
+        ((5, 3), (1, 1), (4, 0), (2, 1)),  # padding wider than a tap's reach
+        ((3, 3), (1, 1), (2, 2), (2, 2)),
+        ((7, 7), (2, 2), (3, 3), (1, 1)),
+        ((3, 3), (3, 2), (4, 1), (1, 1)),  # strided taps that start in the padding
+        ((1, 1), (2, 2), (0, 0), (1, 1)),
+        ((2, 4), (1, 3), (1, 2), (3, 1)),
+    ],
+)
+@pytest.mark.parametrize("small_map", [0, 1000])  # window sums; one matrix product
+def test_tap_sums_match_unfold(kernel, stride, padding, dilation, small_map, monkeypatch):
+    from lego_core import contributions
+
+    monkeypatch.setattr(contributions, "_SMALL_MAP", small_map)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 10, 9, generator=g)
-    s = tap_sums(x, (3, 3), (2, 2), (1, 1), (1, 1))
-    cols = F.unfold(x, 3, dilation=1, padding=1, stride=2)  # [B, P*K, L]
-    assert torch.allclose(s, cols.view(2, 3, 9, -1).sum(-1), atol=1e-5)
+    s = tap_sums(x, kernel, stride, padding, dilation)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, P*K, L]
+    k = kernel[0] * kernel[1]
+    assert torch.allclose(s, cols.view(2, 3, k, -1).sum(-1), atol=1e-5)
 
 
 def test_fast_linear_contributions_equal_the_oracle():
@@ -94,13 +113,17 @@ def test_non_negative_linear_shortcut_equals_per_sample_sum():
 
 
 @pytest.mark.parametrize("groups", [1, 2, 6])
-def test_class_sums_equal_per_sample_contributions_summed_by_class(groups):
+@pytest.mark.parametrize("block", [1 << 18, 8])  # one block; one input channel per block
+def test_class_sums_equal_per_sample_contributions_summed_by_class(groups, block, monkeypatch):
+    from lego_core import contributions
     from lego_core.contributions import conv_class_sums
+
+    monkeypatch.setattr(contributions, "_BLOCK_ELEMENTS", block)
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(7, 6, 9, 9, generator=g)
     w = torch.randn(6, 6 // groups, 3, 3, generator=g)
-    labels = torch.tensor([0, 0, 2, 1, 2, 2, 0])
+    labels = torch.tensor([0, 0, 2, 1, 2, 2, 0])  # not in class order
     per_sample = conv_contributions(x, w, (2, 2), (1, 1), (1, 1), groups)
     expected = torch.stack([per_sample[labels == c].sum(0) for c in range(3)])
     got = conv_class_sums(x, w, (2, 2), (1, 1), (1, 1), groups, labels, 3)
