@@ -69,8 +69,8 @@ def owner_of(session: Session, key: str) -> str | None:
     return row.owner if row else None
 
 
-def current_owner(request: Request) -> str:
-    """FastAPI dependency: the owner of the request's bearer key, else 401."""
+def bearer_key(request: Request) -> str:
+    """The request's bearer key as sent (not yet checked), else 401."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -79,10 +79,18 @@ def current_owner(request: Request) -> str:
             "missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    return key.strip()
+
+
+def invalid_key() -> HTTPException:
+    return HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def current_owner(request: Request) -> str:
+    """FastAPI dependency: the owner of the request's bearer key, else 401."""
+    key = bearer_key(request)
     with request.app.state.catalog.session() as s:
-        owner = owner_of(s, key.strip())
+        owner = owner_of(s, key)
     if owner is None:
-        raise HTTPException(
-            401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
-        )
+        raise invalid_key()
     return owner

@@ -1,14 +1,17 @@
-"""Serving assembled models: a bounded LRU of loaded models, image decoding, batches."""
+"""Serving assembled models: a bounded LRU of loaded models, image decoding, and
+micro-batching of concurrent requests."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import queue
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -46,7 +49,7 @@ class ModelCache:
                 self._items[key] = value
                 self._items.move_to_end(key)
                 while len(self._items) > self.size:
-                    self._items.popitem(last=False)
+                    _close(self._items.popitem(last=False)[1])
                 self._loading.pop(key, None)
             return value
 
@@ -55,7 +58,94 @@ class ModelCache:
 
     def clear(self) -> None:
         with self._lock:
+            for value in self._items.values():
+                _close(value)
             self._items.clear()
+
+
+def _close(value: Any) -> None:
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()
+
+
+class Batcher:
+    """One model shared by concurrent requests (micro-batching).
+
+    Requests queue their images; one thread feeds the model every image waiting
+    when it becomes free, up to `max_batch` images a call. A lone request runs at
+    once (no waiting for company); under load, requests share calls, so the
+    throughput approaches the model's batched throughput. After `close` (the
+    model was evicted), requests still holding the batcher run in their own thread.
+    """
+
+    def __init__(self, classifier, max_batch: int) -> None:
+        self.classifier = classifier
+        self.class_names = list(classifier.class_names)
+        self.spec = classifier.spec
+        self.max_batch = max(1, max_batch)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="lego-predict", daemon=True)
+        self._thread.start()
+
+    def probabilities(self, images: list) -> Any:
+        """Softmax probabilities [len(images), classes] for image tensors of the spec."""
+        done: Future = Future()
+        with self._lock:
+            queued = not self._closed
+            if queued:
+                self._queue.put((images, done))
+        if not queued:
+            self._run([(images, done)])
+        return done.result()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)  # after every request queued before it
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            pending, count = [item], len(item[0])
+            while count < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop once these are answered
+                    break
+                pending.append(item)
+                count += len(item[0])
+            self._run(pending)
+
+    def _run(self, pending: list) -> None:
+        import torch
+
+        images = [t for request_images, _ in pending for t in request_images]
+        try:
+            outs = []
+            with torch.inference_mode():
+                for start in range(0, len(images), self.max_batch):
+                    batch = torch.stack(images[start : start + self.max_batch])
+                    PREDICT_BATCH.observe(len(batch))
+                    PREDICT_IMAGES.inc(len(batch))
+                    outs.append(torch.softmax(self.classifier(batch).float(), dim=1))
+            probs = torch.cat(outs)
+        except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error
+            for _, done in pending:
+                done.set_exception(exc)
+            return
+        at = 0
+        for request_images, done in pending:
+            done.set_result(probs[at : at + len(request_images)])
+            at += len(request_images)
 
 
 def b64decode_image(text: str, index: int = 0) -> bytes:
@@ -75,6 +165,8 @@ def b64decode_image(text: str, index: int = 0) -> bytes:
 def decode_image(data: bytes, spec, max_pixels: int, index: int = 0):
     """Bytes of an image -> float tensor [C, H, W] in [0, 1] at the spec's size."""
     import torch
+
+    from lego_core.data import to_8bit
 
     if not data:
         raise ImageError(f"image {index}: empty")
@@ -115,38 +207,12 @@ def decode_image(data: bytes, spec, max_pixels: int, index: int = 0):
     return t.view(spec.height, spec.width, spec.channels).permute(2, 0, 1).float().div_(255.0)
 
 
-def to_8bit(img):
-    """16- and 32-bit greyscale as 8-bit, scaled (Pillow's convert("L") clips at 255, which
-    turns every non-black pixel of a 16-bit image white)."""
-    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        return img
-    import numpy as np
-
-    a = np.asarray(img)
-    if img.mode == "I" and a.size and int(a.max()) <= 255:
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    return Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8))
-
-
-def predict(classifier, images: list, top_k: int, batch_size: int) -> list[list[dict]]:
-    """Top-k classes with probabilities for each image tensor, in batches."""
-    import torch
-
-    names = list(classifier.class_names)
+def predict(model: Batcher, images: list, top_k: int) -> list[list[dict]]:
+    """Top-k classes with probabilities for each image tensor."""
+    names = model.class_names
     k = max(1, min(top_k, len(names)))
-    out: list[list[dict]] = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack(images[start : start + batch_size])
-            PREDICT_BATCH.observe(len(batch))
-            PREDICT_IMAGES.inc(len(batch))
-            probs = torch.softmax(classifier(batch).float(), dim=1)
-            p, idx = probs.topk(k, dim=1)
-            for row_p, row_i in zip(p.tolist(), idx.tolist(), strict=True):
-                out.append(
-                    [
-                        {"class": names[i], "probability": float(q)}
-                        for q, i in zip(row_p, row_i, strict=True)
-                    ]
-                )
-    return out
+    p, idx = model.probabilities(images).topk(k, dim=1)
+    return [
+        [{"class": names[i], "probability": float(q)} for q, i in zip(row_p, row_i, strict=True)]
+        for row_p, row_i in zip(p.tolist(), idx.tolist(), strict=True)
+    ]

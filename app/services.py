@@ -61,6 +61,7 @@ class Services:
             self.runner.stop()
         if self.reaper:
             self.reaper.stop()
+        self.models.clear()  # stops the models' batching threads
 
     def redispatch(self, job_id: int) -> None:
         if self.settings.embedded_broker:

@@ -13,9 +13,18 @@ from sqlalchemy import select
 from starlette.datastructures import UploadFile
 
 from app import adapters
-from app.auth import current_owner
-from app.catalog import ACTIVE_STATES, Assembly, AssemblySource, ComponentSet, Dataset, Model
-from app.predict import b64decode_image, decode_image, predict
+from app.auth import bearer_key, current_owner, hash_key, invalid_key
+from app.catalog import (
+    ACTIVE_STATES,
+    ApiKey,
+    Assembly,
+    AssemblySource,
+    ComponentSet,
+    Dataset,
+    Job,
+    Model,
+)
+from app.predict import Batcher, b64decode_image, decode_image, predict
 from app.routers.common import PathId, drop_artifacts, owned, resolve_classes, unprocessable
 from app.schemas import AssemblyIn, AssemblyOut, PredictIn, PredictOut
 from app.services import Services, services
@@ -24,6 +33,7 @@ from worker.tasks import locate_jobs_for, no_components_reason
 
 router = APIRouter(prefix="/api/v1", tags=["assemblies"])
 Owner = Annotated[str, Depends(current_owner)]
+Key = Annotated[str, Depends(bearer_key)]  # checked by predict_artifact
 Svc = Annotated[Services, Depends(services)]
 TopK = Annotated[int, Query(ge=1, le=1000, description="classes per image")]
 
@@ -136,10 +146,34 @@ def delete_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
 def finished_artifact(svc: Services, owner: str, assembly_id: int) -> tuple[str, str]:
     with svc.catalog.session() as s:
         a = owned(s, Assembly, assembly_id, owner, "assembly")
-        status = a.job.status if a.job else "failed"
-        if status != "succeeded" or not a.artifact_sha256:
-            raise HTTPException(409, f"assembly {a.id} is {status}, not succeeded")
-        return a.artifact_sha256, a.name
+        return check_finished(a.id, a.job.status if a.job else None, a.artifact_sha256), a.name
+
+
+def check_finished(assembly_id: int, status: str | None, sha: str | None) -> str:
+    status = status or "failed"
+    if status != "succeeded" or not sha:
+        raise HTTPException(409, f"assembly {assembly_id} is {status}, not succeeded")
+    return sha
+
+
+def predict_artifact(svc: Services, key: str, assembly_id: int) -> str:
+    """The key's check and the assembly's lookup in one query: predict is the hot path.
+    Same answers as current_owner + finished_artifact: 401, 404, 409."""
+    query = (
+        select(ApiKey.owner, Assembly.owner, Assembly.artifact_sha256, Job.status)
+        .select_from(ApiKey)
+        .outerjoin(Assembly, Assembly.id == assembly_id)
+        .outerjoin(Job, Job.id == Assembly.job_id)
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    )
+    with svc.catalog.session() as s:
+        row = s.execute(query).first()
+    if row is None:
+        raise invalid_key()
+    key_owner, assembly_owner, sha, status = row
+    if assembly_owner != key_owner:
+        raise HTTPException(404, f"assembly {assembly_id} not found")
+    return check_finished(assembly_id, status, sha)
 
 
 @router.get(
@@ -157,10 +191,12 @@ def download_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
     )
 
 
-def classifier(svc: Services, sha: str):
-    return svc.models.get(
-        sha, lambda: adapters.load_classifier(adapters.named_path(svc.storage, sha, ".pt"))
-    )
+def served_model(svc: Services, sha: str) -> Batcher:
+    def load() -> Batcher:
+        path = adapters.named_path(svc.storage, sha, ".pt")
+        return Batcher(adapters.load_classifier(path), svc.settings.predict_batch_size)
+
+    return svc.models.get(sha, load)
 
 
 def run_predict(svc: Services, sha: str, blobs: list[bytes], top_k: int) -> PredictOut:
@@ -169,22 +205,22 @@ def run_predict(svc: Services, sha: str, blobs: list[bytes], top_k: int) -> Pred
             413,
             f"{len(blobs)} images is over the limit of {svc.settings.max_predict_images} a request",
         )
-    model = classifier(svc, sha)
+    model = served_model(svc, sha)
     tensors = [
         decode_image(b, model.spec, svc.settings.max_image_pixels, i) for i, b in enumerate(blobs)
     ]
-    return PredictOut(predictions=predict(model, tensors, top_k, svc.settings.predict_batch_size))
+    return PredictOut(predictions=predict(model, tensors, top_k))
 
 
 @router.get("/assemblies/{assembly_id}/predict", response_model=PredictOut)
 def predict_get(
     assembly_id: PathId,
-    owner: Owner,
+    key: Key,
     svc: Svc,
     image: Annotated[str, Query(description="base64url PNG or JPEG")],
     top_k: TopK = 3,
 ):
-    sha, _ = finished_artifact(svc, owner, assembly_id)
+    sha = predict_artifact(svc, key, assembly_id)
     return run_predict(svc, sha, [b64decode_image(image)], top_k)
 
 
@@ -211,9 +247,9 @@ PREDICT_BODY = {
     "/assemblies/{assembly_id}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
 )
 async def predict_post(
-    assembly_id: PathId, request: Request, owner: Owner, svc: Svc, top_k: TopK = 3
+    assembly_id: PathId, request: Request, key: Key, svc: Svc, top_k: TopK = 3
 ):
-    sha, _ = await run_in_threadpool(finished_artifact, svc, owner, assembly_id)
+    sha = await run_in_threadpool(predict_artifact, svc, key, assembly_id)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     blobs: list[bytes] = []
     if ctype == "multipart/form-data":
