@@ -69,8 +69,7 @@ def owner_of(session: Session, key: str) -> str | None:
     return row.owner if row else None
 
 
-def bearer_key(request: Request) -> str:
-    """The request's bearer key as sent (not yet checked), else 401."""
+def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -82,13 +81,20 @@ def bearer_key(request: Request) -> str:
     return key.strip()
 
 
+async def bearer_key(request: Request) -> str:
+    """The request's bearer key as sent (not yet checked), else 401. A dependency of
+    the predict routes, which check it in the same query as the assembly; async, so
+    that FastAPI calls it without a thread-pool hop."""
+    return _bearer(request)
+
+
 def invalid_key() -> HTTPException:
     return HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def current_owner(request: Request) -> str:
     """FastAPI dependency: the owner of the request's bearer key, else 401."""
-    key = bearer_key(request)
+    key = _bearer(request)
     with request.app.state.catalog.session() as s:
         owner = owner_of(s, key)
     if owner is None:

@@ -241,7 +241,8 @@ class Catalog:
     def __init__(self, url: str) -> None:
         self.url = url
         u = make_url(url)
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        # A server may restart under a pooled connection; a SQLite file cannot.
+        kwargs: dict[str, Any] = {"pool_pre_ping": u.get_backend_name() != "sqlite"}
         if u.get_backend_name() == "sqlite":
             if u.database and u.database != ":memory:":
                 Path(u.database).parent.mkdir(parents=True, exist_ok=True)

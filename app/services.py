@@ -100,5 +100,6 @@ class Services:
             return False, f"unreachable: {exc}"
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    # async: FastAPI would run a plain def dependency in the thread pool (a hop per request)
     return request.app.state.services
