@@ -163,9 +163,9 @@ def table_disassembly(models: dict[str, Trained], data: Data, sums: SumsCache) -
             whole_acc = accuracy_on(
                 whole.net(), sub, whole.class_names, spec, restrict_to_task=True
             )["accuracy"]
-            comp = disassemble(model, t.components, task)
+            comp = disassemble(model, t.components, task, data=t.train_data)
             comp_acc = accuracy_on(comp.net(), sub, comp.class_names, spec, restrict_to_task=True)
-            ref = disassemble(model, reference, task)
+            ref = disassemble(model, reference, task, data=t.train_data)
             ref_acc = accuracy_on(ref.net(), sub, ref.class_names, spec, restrict_to_task=True)
             rows.append(
                 {
@@ -396,7 +396,9 @@ def table_sensitivity(
                 for b in settings.grid_beta:
                     alpha = {**DEFAULT_ALPHA, kind: a}
                     beta = {**DEFAULT_BETA, kind: b}
-                    comp = disassemble(model, sums.components(t, alpha, beta), task)
+                    comp = disassemble(
+                        model, sums.components(t, alpha, beta), task, data=t.train_data
+                    )
                     acc = accuracy_on(
                         comp.net(), sub, comp.class_names, spec, restrict_to_task=True
                     )["accuracy"]

@@ -297,7 +297,7 @@ def _best_point(lo: torch.Tensor, hi: torch.Tensor, current: float) -> float:
 def build_components(parts: list[Part]) -> list[Component]:
     comps = []
     for p in parts:
-        comp = disassemble(p.model, p.components, p.classes)
+        comp = disassemble(p.model, p.components, p.classes, data=p.data)
         comp.source = p.source_id or p.model.name
         comps.append(comp)
     names = [n for c in comps for n in c.class_names]

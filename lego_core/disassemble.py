@@ -40,11 +40,54 @@ class Component:
         return GraphNet(self.graph).eval()
 
 
+@torch.no_grad()
+def input_means(model: SourceModel, data, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean input of every linear and ungrouped conv layer over the images
+    `indices` of `data`, in the form a constant bias needs: linear [P]; conv
+    [P, kh*kw], the mean over images and output positions of the value each
+    kernel tap reads (padding reads zeros)."""
+    from lego_core.contributions import tap_sums
+    from lego_core.data import normalize
+    from lego_core.locate import CONTRIBUTION_BATCH
+
+    sums: dict[str, torch.Tensor] = {}
+    weights = {n.layer: model.graph.tensors[n.weight_key()] for n in model.graph.layers()}
+
+    def hook(node, x):
+        if node.kind == "linear":
+            total = x.double().sum(0)
+        else:
+            stride, padding, dilation, groups = node.conv_options()
+            if groups != 1:
+                return
+            kh, kw = weights[node.layer].shape[2:]
+            h, w = x.shape[2:]
+            out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+            out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+            taps = tap_sums(x, (kh, kw), stride, padding, dilation)  # [B, P, K]
+            total = taps.double().sum(0) / (out_h * out_w)
+        sums[node.layer] = sums[node.layer] + total if node.layer in sums else total
+
+    net = model.net()
+    net.hook = hook
+    for start in range(0, indices.numel(), CONTRIBUTION_BATCH):
+        batch = data.images[indices[start : start + CONTRIBUTION_BATCH]]
+        net(normalize(batch, model.spec))
+    return {layer: (total / max(1, indices.numel())).float() for layer, total in sums.items()}
+
+
 def prune_graph(
-    model: SourceModel, demanded: dict[int, torch.Tensor], output_order: list[int]
+    model: SourceModel,
+    demanded: dict[int, torch.Tensor],
+    output_order: list[int],
+    means: dict[str, torch.Tensor] | None = None,
 ) -> LegoGraph:
     """Slices every parameter to the kept channels; `output_order` lists the
-    source output channels that the pruned graph returns, in order."""
+    source output channels that the pruned graph returns, in order.
+
+    With `means` (from `input_means`), what each removed input contributed on
+    average is folded into the bias of the outputs that read it, so the kept
+    outputs keep their average operating point (mean compensation)."""
     graph, spaces = model.graph, model.spaces
     keep = spaces.keep_indices(demanded)
     out_layout = spaces.layout[graph.output_name]
@@ -68,6 +111,13 @@ def prune_graph(
             elif node.kind == "linear" or node.conv_options()[3] == 1:
                 in_idx = spaces.value_indices(node.args[0].name, keep)
                 tensors[node.weight_key()] = w[out_idx][:, in_idx].clone()
+                if node.bias_key():
+                    tensors[node.bias_key()] = graph.tensors[node.bias_key()][out_idx].clone()
+                if means is not None and node.layer in means:
+                    mean = means[node.layer]
+                    node = _fold_removed_inputs(node, w[out_idx], in_idx, mean, tensors)
+                nodes.append(node)
+                continue
             # grouped convs touch only fixed atoms: kept whole
             if node.bias_key():
                 tensors[node.bias_key()] = graph.tensors[node.bias_key()][out_idx].clone()
@@ -97,6 +147,35 @@ def prune_graph(
     return LegoGraph(nodes, tensors, graph.input_name, output_name)
 
 
+def _fold_removed_inputs(
+    node: Node, w: torch.Tensor, in_idx: torch.Tensor, mean: torch.Tensor, tensors: dict
+) -> Node:
+    """Adds sum over removed inputs p of w[q, p] * mean input p to the bias of every
+    kept output q (`w`: the kept outputs' weights over all inputs; `tensors` already
+    holds the sliced bias). A layer without a bias gets one, a new parameter."""
+    removed = torch.ones(w.shape[1], dtype=torch.bool)
+    removed[in_idx] = False
+    if not bool(removed.any()):
+        return node
+    mean = mean[removed].to(w.dtype)
+    if node.kind == "linear":
+        delta = w[:, removed] @ mean
+    else:
+        delta = (w[:, removed].flatten(2) * mean).sum((1, 2))
+    key = node.bias_key()
+    if key is not None:
+        tensors[key] = tensors[key] + delta
+        return node
+    key = f"{node.weight_key()}.lego_mean_bias"
+    tensors[key] = delta
+    args = list(node.args)
+    if len(args) < 3:
+        args.append(Param(key))
+    else:
+        args[2] = Param(key)
+    return replace(node, args=tuple(args))
+
+
 def _with_groups(node: Node, groups: int) -> Node:
     args = list(node.args)
     pos = 8 if node.target is torch.ops.aten.convolution.default else 6
@@ -124,11 +203,22 @@ def class_set_demand(model: SourceModel, components: Components, classes: list[i
     return demanded
 
 
-def disassemble(model: SourceModel, components: Components, classes) -> Component:
+def disassemble(model: SourceModel, components: Components, classes, data=None) -> Component:
     """The component of `model` for `classes` (names or indices, in the order
-    the component's logits will have)."""
+    the component's logits will have).
+
+    `data`: the dataset the components were located on. With it, the removed
+    channels' mean contribution over the classes' located samples is folded into
+    the biases of the layers that read them (mean compensation); without it,
+    removed channels simply vanish, as in the paper."""
     idx = model.class_indices(classes)
-    graph = prune_graph(model, class_set_demand(model, components, idx), idx)
+    means = None
+    if data is not None:
+        rows = [components.selected[c] for c in idx if c in components.selected]
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        if rows.numel() and int(rows.max()) < len(data):
+            means = input_means(model, data, rows)
+    graph = prune_graph(model, class_set_demand(model, components, idx), idx, means)
     return Component(
         graph=graph,
         spec=model.spec,

@@ -160,13 +160,15 @@ def _task_images(data, task):
 
 
 @pytest.mark.parametrize("task,allowed_drop", [([0, 1, 2], 0.0), ([3, 4, 5, 6, 7, 8, 9], 0.5)])
+@pytest.mark.parametrize("mean_compensation", [False, True])
 def test_component_keeps_base_accuracy_with_fewer_parameters(
-    located_lenet, mnist_test, task, allowed_drop
+    located_lenet, mnist_train, mnist_test, task, allowed_drop, mean_compensation
 ):
     model, components = located_lenet
     images = _task_images(mnist_test, task)
     base = accuracy_on(model.net(), images, DIGITS, MNIST_SPEC)["accuracy"]
-    comp = disassemble(model, components, task)
+    data = mnist_train if mean_compensation else None
+    comp = disassemble(model, components, task, data=data)
     names = [DIGITS[c] for c in task]
     component = accuracy_on(comp.net(), images, names, MNIST_SPEC)["accuracy"]
     assert component >= base - allowed_drop, (task, base, component)
@@ -245,3 +247,40 @@ def test_program_exported_in_training_mode_classifies_in_eval_mode(tmp_path):
     x = torch.randn(3, *CIFAR10_SPEC.shape)
     with torch.no_grad():
         assert torch.allclose(model.net()(x), module.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_mean_compensation_keeps_the_mean_logits_through_affine_layers():
+    """Removed channels feed only affine layers (conv -> average pool -> linear), so
+    with their mean contribution folded into the biases, the component's mean logits
+    over the samples the means came from equal the source's."""
+    from lego_core.data import ImageFolderData, normalize
+
+    torch.manual_seed(0)
+    spec = MNIST_SPEC
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3, padding=1, bias=False),  # no bias: the fold must add one
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 2),
+    ).eval()
+    model = source_from_module(net, spec, ["a", "b"], "tiny", "tiny")
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    data = ImageFolderData(images, torch.arange(40) % 2, ["a", "b"])
+    components = keep_everything(model)
+    conv2, linear = [n.layer for n in model.graph.layers()][1:]
+    for c in (0, 1):
+        components.masks[c][conv2] = torch.tensor([True, False, True, False])
+        components.masks[c][linear] = torch.tensor([False, True, True])
+        components.selected[c] = torch.arange(c, 40, 2)
+    plain = disassemble(model, components, ["a", "b"])
+    compensated = disassemble(model, components, ["a", "b"], data=data)
+    assert plain.graph.param_count() < model.graph.param_count()
+    batch = normalize(images, spec)
+    with torch.no_grad():
+        source = model.net()(batch).mean(0)
+        without = plain.net()(batch).mean(0)
+        with_means = compensated.net()(batch).mean(0)
+    assert torch.allclose(with_means, source, atol=1e-4), (with_means, source)
+    assert not torch.allclose(without, source, atol=1e-2)
