@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +43,7 @@ from lego_core.errors import (
 )
 from lego_core.evaluate import accuracy_on, count_flops, count_params
 from lego_core.export import ExportedClassifier, export_model, load_exported
+from lego_core.files import atomic_write
 from lego_core.locate import DEFAULT_SAMPLES_PER_CLASS, Components, locate
 from lego_core.model import FILE_FORMATS, SourceModel, load_source_model
 from lego_core.routes import render_routes, route_table
@@ -234,18 +234,9 @@ def check_writable(path: str | os.PathLike) -> Path:
 def _atomic_write(path: Path, write: Callable[[object], None], mode: str) -> None:
     check_writable(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        atomic_write(path, write, mode)
     except OSError as exc:
         raise LegoError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_text(path: Path, text: str) -> None:

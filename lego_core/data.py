@@ -19,7 +19,6 @@ Within a class, images are ordered by their path, whatever the archive order.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import gzip
 import hashlib
 import io
@@ -29,7 +28,6 @@ import os
 import stat
 import sys
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from lego_core.errors import DatasetError, UnknownClassError
+from lego_core.files import atomic_write
 from lego_core.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -719,20 +718,7 @@ def _write_cache(cache_file: Path, data: ImageFolderData) -> None:
         "class_names": list(data.class_names),
         "source": data.source,
     }
-    tmp_name = None
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a reader never sees half a file.
-        with tempfile.NamedTemporaryFile(
-            dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp", delete=False
-        ) as fh:
-            tmp_name = fh.name
-            torch.save(blob, fh)
-        os.replace(tmp_name, cache_file)
-        tmp_name = None
+        atomic_write(cache_file, lambda f: torch.save(blob, f))
     except OSError as exc:  # caching is an optimisation; a read-only home is fine
         log.warning("could not write dataset cache %s: %s", cache_file, exc)
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)

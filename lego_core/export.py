@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lego_core.errors import ModelFileError
+from lego_core.files import atomic_write
 from lego_core.graph import load_exported_program
 from lego_core.spec import InputSpec
 
@@ -58,18 +57,7 @@ def export_model(assembled, path: str | Path) -> dict:
     # the whole process when the disk fills, where Python raises OSError(ENOSPC).
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     return meta
 
 

@@ -3,8 +3,6 @@ sums, and per-class masks from the output backwards."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from lego_core.channels import backward_masks
 from lego_core.contributions import ContributionAccumulator, add_sums
 from lego_core.data import normalize
 from lego_core.errors import DatasetError, LegoError
+from lego_core.files import atomic_write
 from lego_core.model import SourceModel
 
 Progress = Callable[[float, str], None]
@@ -95,18 +94,7 @@ class Components:
 
     def save(self, path: str | Path) -> None:
         """Writes atomically: a temp file in the same directory, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.to_state(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(self.to_state(), f))
 
     @classmethod
     def load(cls, path: str | Path) -> Components:
