@@ -284,3 +284,26 @@ def test_mean_compensation_keeps_the_mean_logits_through_affine_layers():
         with_means = compensated.net()(batch).mean(0)
     assert torch.allclose(with_means, source, atol=1e-4), (with_means, source)
     assert not torch.allclose(without, source, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((4, 3, 32, 32), 3, 2, 1, 1),
+        ((2, 3, 11, 9), 2, 2, 0, 1),
+        ((2, 3, 11, 9), 3, 1, 1, 1),
+        ((2, 3, 12, 12), 3, 2, 1, 2),
+        ((2, 3, 7, 7), 2, None, 0, 1),  # stride defaults to the kernel
+    ],
+)
+def test_captured_max_pool_values_equal_torch(shape, kernel, stride, padding, dilation):
+    from lego_core.graph import max_pool2d_values
+
+    x = torch.randn(shape)
+    x[0, 0, 0, :3] = float("nan")  # NaN propagates as in max pooling
+    expected = F.max_pool2d(x, kernel, stride, padding, dilation)
+    (got,) = max_pool2d_values(
+        x, [kernel] * 2, [stride] * 2 if stride else [], [padding] * 2, [dilation] * 2
+    )
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
