@@ -947,13 +947,15 @@ def _serving_notes(res: FigureResult) -> None:
                 f"classified {cpu:.0f} images against {cpu_in:.0f} for one in-process batch "
                 f"({cpu / max(cpu_in, 1e-9):.2f}x), so in CPU time it is "
                 + ("within" if cpu >= THROUGHPUT_GOAL * cpu_in else "outside")
-                + f" the goal; the rest is cores: during the run the server kept "
-                f"{server_busy:.2f} and the {CLIENTS} client threads {client_busy:.2f} of "
-                f"this machine's {row.data.get('cores', 0)} cores busy, while the baseline "
-                "had them to itself. Per request the server spent "
-                f"{overhead_ms:.1f} ms of CPU beyond the model's {model_ms:.1f} ms an image "
-                "(HTTP parsing, the catalog query, decoding, JSON). What would close it: "
-                "less CPU per request, or clients on other hosts."
+                + f" the goal. In wall time the server kept {server_busy:.2f} of this "
+                f"machine's {row.data.get('cores', 0)} cores busy (the {CLIENTS} client "
+                f"threads {client_busy:.2f}), where the baseline's batch used them all. "
+                f"Per request the server spent {overhead_ms:.1f} ms of CPU beyond the "
+                f"model's {model_ms:.1f} ms an image (HTTP parsing, the catalog query, "
+                "decoding, JSON), and that Python work runs under one interpreter lock, "
+                "so it does not spread over the cores the way the model's kernels do. "
+                "What would close it: less CPU per request, or several API processes "
+                "(each batching its own share) on a host with the cores for them."
             )
         else:
             app_ms = row.data.get("app_mean_ms", 0.0)

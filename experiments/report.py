@@ -124,9 +124,13 @@ def section_protocol(results: dict) -> str:
             f"alpha conv {a['conv']} / linear {a['linear']}, beta conv {b['conv']} / linear "
             f"{b['linear']} (the library defaults; the reference code's linear values 0.4 / 0.3 "
             "are shown as an extra column in table 1).",
-            "- Disassembly: `disassemble(model, components, T)`; params from "
-            "`component.graph.param_count()`, FLOPs from `count_flops` (one image, a "
-            "multiply-add counts as two); *kept* is relative to the whole source model.",
+            "- Disassembly: `disassemble(model, components, T, data=training images)`: "
+            "with the locating dataset given, each removed channel's mean contribution over "
+            "T's located samples is folded into the biases of the layers that read it (mean "
+            "compensation, docs/architecture.md; `assemble` does the same with each part's "
+            "dataset). Params from `component.graph.param_count()`, FLOPs from "
+            "`count_flops` (one image, a multiply-add counts as two); *kept* is relative to "
+            "the whole source model.",
             "- Assembly: `assemble(parts, scaling=..., form='branches')` (no training of any "
             "weight), evaluated with `evaluate_assembly`. Scaling samples are the located "
             "samples plus 100 more per class from each part's training images (fixed seed). "
