@@ -438,9 +438,10 @@ def section_goal(results: dict) -> str:
             "within-part loss only means the part's task is a subset of its source's classes "
             "(an argmax over 3 classes is easier than Base's over all 5).",
             "",
-            "A likely reason for the non-monotonic linear grid in table 3, not measured here: "
-            "a pruned channel takes its mean contribution out of the next layer, which shifts "
-            "every unit that is kept.",
+            "Tables 1 to 3 use mean compensation (docs/architecture.md): a removed channel's "
+            "mean contribution over the task's located samples is folded into the biases of "
+            "the layers that read it, so kept units keep their average operating point "
+            "instead of shifting with every pruned input.",
         ]
     return "\n".join(out)
 
