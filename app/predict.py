@@ -72,11 +72,12 @@ def _close(value: Any) -> None:
 class Batcher:
     """One model shared by concurrent requests (micro-batching).
 
-    Requests queue their images; one thread feeds the model every image waiting
-    when it becomes free, up to `max_batch` images a call. A lone request runs at
-    once (no waiting for company); under load, requests share calls, so the
-    throughput approaches the model's batched throughput. After `close` (the
-    model was evicted), requests still holding the batcher run in their own thread.
+    A request that finds the model idle runs it in its own thread at once (no
+    hand-off, no waiting for company). Otherwise it queues its images, and one
+    thread feeds the model every image waiting when it becomes free, up to
+    `max_batch` images a call: under load, requests share calls, so the throughput
+    approaches the model's batched throughput. After `close` (the model was
+    evicted), requests still holding the batcher run in their own thread.
     """
 
     def __init__(self, classifier, max_batch: int) -> None:
@@ -86,6 +87,7 @@ class Batcher:
         self.max_batch = max(1, max_batch)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._busy = threading.Lock()  # held while the model runs
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="lego-predict", daemon=True)
         self._thread.start()
@@ -93,6 +95,12 @@ class Batcher:
     def probabilities(self, images: list) -> Any:
         """Softmax probabilities [len(images), classes] for image tensors of the spec."""
         done: Future = Future()
+        if self._busy.acquire(blocking=False):  # idle: run here
+            try:
+                self._run([(images, done)])
+            finally:
+                self._busy.release()
+            return done.result()
         with self._lock:
             queued = not self._closed
             if queued:
@@ -112,18 +120,19 @@ class Batcher:
             item = self._queue.get()
             if item is None:
                 return
-            pending, count = [item], len(item[0])
-            while count < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)  # stop once these are answered
-                    break
-                pending.append(item)
-                count += len(item[0])
-            self._run(pending)
+            with self._busy:  # then take everything that queued meanwhile
+                pending, count = [item], len(item[0])
+                while count < self.max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._queue.put(None)  # stop once these are answered
+                        break
+                    pending.append(item)
+                    count += len(item[0])
+                self._run(pending)
 
     def _run(self, pending: list) -> None:
         import torch

@@ -23,10 +23,12 @@ class SlowLinear:
         self.class_names = ["a", "b", "c", "d"]
         self.spec = MNIST_SPEC
         self.batches: list[int] = []
+        self.threads: list[str] = []
         self.fail_on = fail_on
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.batches.append(len(x))
+        self.threads.append(threading.current_thread().name)
         time.sleep(0.02)
         if self.fail_on is not None and len(self.batches) == self.fail_on:
             raise RuntimeError("model exploded")
@@ -53,6 +55,16 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers():
         assert sum(clf.batches) == sum(len(r) for r in requests)
         assert max(clf.batches) > 3  # requests were batched together...
         assert max(clf.batches) <= 16  # ...never over the limit
+    finally:
+        batcher.close()
+
+
+def test_a_request_that_finds_the_model_idle_runs_in_its_own_thread():
+    clf = SlowLinear()
+    batcher = Batcher(clf, max_batch=16)
+    try:
+        batcher.probabilities(images(1, seed=5))
+        assert clf.threads == [threading.current_thread().name]
     finally:
         batcher.close()
 
