@@ -30,9 +30,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -58,6 +55,10 @@ from bench.common import (
     spread,
 )
 
+# The service's processes are started the way the full-stack tests start them.
+sys.path.insert(0, str(REPO / "tests" / "service"))
+from processes import Proc, free_port  # noqa: E402
+
 ADDED_LATENCY_GOAL_MS = 5.0
 THROUGHPUT_GOAL = 0.5
 JOB_OVERHEAD_GOAL_S = 1.0
@@ -76,53 +77,6 @@ CIFAR_SPEC = {
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A `lego` subprocess in its own process group; output in a log file."""
-
-    def __init__(self, args: list[str], env: dict, log: Path) -> None:
-        self.log = log
-        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args],
-            cwd=REPO,
-            env=env,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if self.p.poll() is not None:
-                raise RuntimeError(f"{self.log.name}: exited ({self.p.returncode}): {self.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.log.name}: {text!r} not seen: {self.tail()}")
-            time.sleep(0.2)
-
-    def tail(self, n: int = 1500) -> str:
-        return self.output()[-n:]
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-        self._fh.close()
 
 
 def service_env(root: Path, **values) -> dict:
@@ -427,9 +381,13 @@ class PredictClient:
             boundary = "lego-bench-" + secrets.token_hex(8)
             self.path = url
             self.body = (
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; "
-                f'filename="image"\r\nContent-Type: application/octet-stream\r\n\r\n'
-            ).encode() + blob + f"\r\n--{boundary}--\r\n".encode()
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
+                    f'filename="image"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                ).encode()
+                + blob
+                + f"\r\n--{boundary}--\r\n".encode()
+            )
             self.headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
 
     def send(self) -> float:

@@ -7,7 +7,6 @@ import contextlib
 import io
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tarfile
@@ -17,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import REPO, Proc, free_port  # noqa: F401 - re-exported to the tests
 
-REPO = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get("LEGO_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST = os.environ.get("LEGO_TEST_REDIS", "127.0.0.1:6379")
 MNIST_SPEC_DICT = {"channels": 1, "height": 28, "width": 28, "mean": [0.1307], "std": [0.3081]}
@@ -274,12 +273,6 @@ def snapshot(svc) -> tuple:
 # --------------------------------------------------------------------------- full stack
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def fresh_pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database `lego_test_<random>`, dropped afterwards."""
@@ -333,54 +326,6 @@ def pg_url() -> Iterator[str]:
 def redis_url() -> Iterator[str]:
     with fresh_redis_db() as url:
         yield url
-
-
-class Proc:
-    """A `lego` subprocess in its own process group, with its output in a log file."""
-
-    def __init__(self, args: list[str], env: dict, log: Path) -> None:
-        self.log = log
-        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args],
-            cwd=REPO,
-            env=env,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if self.p.poll() is not None:
-                raise AssertionError(f"process exited ({self.p.returncode}):\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not seen:\n{self.output()[-4000:]}")
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (the worker and its pool children)."""
-        import signal
-
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        self.p.wait(timeout=30)
-
-    def stop(self) -> None:
-        import signal
-
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-        self._fh.close()
 
 
 def service_env(**values) -> dict:
