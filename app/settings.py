@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lego_core.assemble import DEFAULT_CALIBRATION_PER_CLASS
+
 MiB = 1024 * 1024
 
 
@@ -70,7 +72,10 @@ class Settings(BaseSettings):
     )
 
     calibration_per_class: int = Field(
-        200, description="Images per class an assembly uses for scaling, besides the located ones."
+        DEFAULT_CALIBRATION_PER_CLASS,
+        ge=1,
+        description="Images per class of each part's locating dataset that an assembly uses "
+        "to fit its scaling and decision stage.",
     )
 
     # Predict.

@@ -52,6 +52,8 @@ def export_model(assembled, path: str | Path) -> dict:
         "lineage": assembled.lineage,
         "form": assembled.form,
         "scaling": assembled.scaling,
+        "compensated": assembled.compensated,
+        "decision": assembled.decision,
     }
     # Serialised in memory, then written by Python: torch's own file writer aborts
     # the whole process when the disk fills, where Python raises OSError(ENOSPC).

@@ -189,10 +189,13 @@ def assemble_job(ctx: JobContext) -> Result:
 
     ctx.progress(0.3, "assembling")
     kwargs = {k: options[k] for k in ("scaling", "form") if options.get(k)}
+    if options.get("compensate") is not None:
+        kwargs["compensate"] = bool(options["compensate"])
     assembled = assemble(
         parts,
         progress=ctx.sub(0.3, 0.8),
-        calibration_per_class=settings.calibration_per_class,
+        calibration_per_class=options.get("calibration_per_class")
+        or settings.calibration_per_class,
         **kwargs,
     )
 

@@ -49,6 +49,35 @@ def test_journey_embedded(journey):
     assert job["assembly_id"] == ids["assembly"]
 
 
+def test_assembly_options_reach_the_exported_model(journey, tmp_path):
+    """Mean compensation off and a small calibration pool, chosen per request; the
+    exported file says which were used and carries the decision stage."""
+    import json
+
+    import torch
+
+    http, ids = journey["http"], journey["ids"]
+    body = {
+        "source_classes": [
+            {"model_id": ids["a"], "classes": ["0", "1"]},
+            {"model_id": ids["b"], "classes": ["7"]},
+        ],
+        "options": {"compensate": False, "calibration_per_class": 5},
+    }
+    r = http.post("/api/v1/assemblies", json=body)
+    assert r.status_code == 202, r.text
+    asm = http.wait_assembly(r.json()["id"])
+    assert asm["status"] == "succeeded", asm
+    path = tmp_path / "a.pt"
+    path.write_bytes(http.get(f"/api/v1/assemblies/{asm['id']}/download").content)
+    extra = {"lego.json": ""}
+    torch.export.load(str(path), extra_files=extra)
+    meta = json.loads(extra["lego.json"])
+    assert meta["scaling"] == "gaussian" and meta["compensated"] is False
+    assert meta["decision"]["samples"] <= 15 and meta["decision"]["params"] > 0
+    http.delete(f"/api/v1/assemblies/{asm['id']}")
+
+
 def test_another_owner_gets_404_everywhere(journey):
     bob, ids = journey["bob"], journey["ids"]
     a, asm, ds = ids["a"], ids["assembly"], ids["dataset"]
@@ -91,6 +120,15 @@ def test_bad_assembly_requests(journey):
     assert r.status_code == 404
     r = post({"source_classes": [{"model_id": a, "classes": [0]}], "options": {"form": "cube"}})
     assert r.status_code == 422 and "cube" in r.json()["detail"]
+    r = post({"source_classes": [{"model_id": a, "classes": [0]}], "options": {"scaling": "x"}})
+    assert r.status_code == 422 and "gaussian" in r.json()["detail"]
+    r = post(
+        {
+            "source_classes": [{"model_id": a, "classes": [0]}],
+            "options": {"calibration_per_class": 0},
+        }
+    )
+    assert r.status_code == 422
     r = post({"source_classes": []})
     assert r.status_code == 422
     r = post({"source_classes": [{"model_id": a, "classes": [0]}, {"model_id": a, "classes": [1]}]})
