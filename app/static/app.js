@@ -21,7 +21,7 @@ function h(tag, attrs = {}, ...children) {
     else if (k === "dataset") Object.assign(el.dataset, v);
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -186,8 +186,9 @@ async function loadCatalog() {
 }
 
 function brickShare(m, c) {
-  if (!m.size) return "";
-  return `params ${pct(c.params, m.size.params)} · FLOPs ${pct(c.flops, m.size.flops)}`;
+  if (!m.size) return [];
+  return [h("span", { class: "share" }, `params ${pct(c.params, m.size.params)}`),
+          h("span", { class: "share" }, `FLOPs ${pct(c.flops, m.size.flops)}`)];
 }
 
 function brickLabel(m, c) {
@@ -200,7 +201,7 @@ function brickLabel(m, c) {
 
 function brickContent(m, name, c) {
   return [h("span", { class: "name" }, name),
-          h("span", { class: "share" }, c ? brickShare(m, c) : "not located")];
+          c ? brickShare(m, c) : h("span", { class: "share" }, "not located")];
 }
 
 function locateStatus(m) {
@@ -379,7 +380,7 @@ function datasetUploadForm() {
 function datasetsTable(datasets) {
   if (!datasets.length) return h("p", { class: "muted" }, "No datasets yet.");
   return h("div", { class: "table-wrap card" }, h("table", { id: "datasets" },
-    h("caption", { class: "muted small", style: "text-align:left" }, "Datasets"),
+    h("caption", { class: "sr-only" }, "Datasets"),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Name"), h("th", { scope: "col" }, "Id"),
       h("th", { scope: "col" }, "Classes"), h("th", { scope: "col" }, "Images"))),
     h("tbody", {}, datasets.map((d) => h("tr", { "data-dataset": d.id },
@@ -586,7 +587,7 @@ async function renderAssemble(g) {
         h("span", { class: "brick", style: `--c:${modelColor(p.model.id)}` },
           brickContent(p.model, p.cls.class_name, p.cls)),
         h("span", { class: "small muted" }, `from ${p.model.name}`),
-        h("button", { type: "button", class: "secondary icon", "data-move": "up", "data-key": key,
+        h("span", { class: "row nowrap" }, h("button", { type: "button", class: "secondary icon", "data-move": "up", "data-key": key,
                       "aria-label": `move ${p.cls.class_name} of ${p.model.name} up`,
                       disabled: !same(i - 1), onclick: () => move(p, -1) }, "↑"),
         h("button", { type: "button", class: "secondary icon", "data-move": "down",
@@ -595,7 +596,7 @@ async function renderAssemble(g) {
                       onclick: () => move(p, +1) }, "↓"),
         h("button", { type: "button", class: "secondary icon", "data-remove": key,
                       "aria-label": `remove ${p.cls.class_name} of ${p.model.name}`,
-                      onclick: () => { togglePick(p.model, p.cls); refresh(); } }, "✕"));
+                      onclick: () => { togglePick(p.model, p.cls); refresh(); } }, "✕")));
     }));
     for (const b of main.querySelectorAll("button.brick")) {
       const on = board.picks.some((p) => p.model.id === +b.dataset.model &&

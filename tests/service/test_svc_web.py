@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import threading
 import time
@@ -263,12 +264,14 @@ def test_web_journey(
     wait_for(d, lambda d: "not accepted" in text_of(d, "#signin-error"), what="wrong-key message")
     assert "unknown or revoked" in text_of(d, "#signin-error")
     assert d.execute_script("return sessionStorage.length + localStorage.length") == 0
+    assert not css(d, "#nav").is_displayed()  # nothing to navigate to before signing in
     screenshot(d, shots, "signin")
 
     # The right key: the catalog, and the key is in storage, not in the URL.
     fill(d, "#api-key", server.key())
     css(d, "#signin-form button[type=submit]").click()
     heading(d, "Catalog")
+    assert css(d, "#nav").is_displayed()
     assert server.key() not in d.current_url
     assert d.execute_script("return sessionStorage.getItem('lego.apiKey')") == server.key()
     assert "No models yet" in text_of(d, "main")
@@ -314,8 +317,9 @@ def test_web_journey(
     card = model_card(d, "digits-low")
     assert "located on dataset mnist-small" in card.text
     brick = card.find_element("css selector", ".brick")
-    share = brick.find_element("css selector", ".share").text
-    assert share.startswith("params ") and "% · FLOPs " in share, share
+    share = [s.text for s in brick.find_elements("css selector", ".share")]
+    assert re.fullmatch(r"params \d+(\.\d)?%", share[0]), share
+    assert re.fullmatch(r"FLOPs \d+(\.\d)?%", share[1]), share
     assert "component keeps" in brick.get_attribute("aria-label")
     screenshot(d, shots, "catalog")
 
