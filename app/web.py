@@ -74,10 +74,8 @@ def swagger_ui() -> HTMLResponse:
         swagger_js_url="/docs-static/swagger-ui-bundle.js",
         swagger_css_url="/docs-static/swagger-ui.css",
         swagger_favicon_url="/docs-static/favicon.png",
-        swagger_ui_parameters={"persistAuthorization": True},
     )
-    page.headers["Content-Security-Policy"] = DOCS_CSP
-    return page
+    return docs_page(page)
 
 
 @pages.get("/redoc")
@@ -89,6 +87,10 @@ def redoc() -> HTMLResponse:
         redoc_favicon_url="/docs-static/favicon.png",
         with_google_fonts=False,
     )
+    return docs_page(page)
+
+
+def docs_page(page: HTMLResponse) -> HTMLResponse:
     page.headers["Content-Security-Policy"] = DOCS_CSP
     return page
 

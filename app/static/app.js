@@ -265,7 +265,22 @@ function modelCard(m, datasets) {
           brickContent(m, name, c));
       })),
     locateStatus(m),
-    locateForm(m, datasets));
+    locateForm(m, datasets),
+    routesDetails(m));
+}
+
+function routesDetails(m) {
+  const sets = m.components.component_sets;
+  if (!sets.length) return null;
+  const details = h("details", { class: "routes" }, h("summary", {}, "Decision routes"));
+  details.addEventListener("toggle", async () => {
+    if (!details.open || details.dataset.loaded) return;
+    details.dataset.loaded = "1";
+    const src = { model_id: m.id, classes: m.components.classes.map((c) => c.class_name),
+                  component_set_id: sets[0].id };
+    details.append(await routesFigure(src, m.name));
+  });
+  return details;
 }
 
 function fileField(id, label, name, hint, accept) {
@@ -289,6 +304,20 @@ const SPECS = {
   cifar10: { channels: 3, height: 32, width: 32, mean: [0.4914, 0.4822, 0.4465],
              std: [0.247, 0.2435, 0.2616] },
 };
+
+// POST a form's data; on success a message and the catalog again, else the API's
+// message next to the form (the submit button is off while the upload runs).
+async function upload(form, err, path, fd, message) {
+  const button = form.querySelector("button[type=submit]");
+  button.disabled = true;
+  try {
+    toast(message(await api(path, { method: "POST", body: fd })));
+    await renderCatalog();
+  } catch (e) {
+    err.textContent = `Upload failed: ${e.message}`;
+    button.disabled = false;
+  }
+}
 
 function modelUploadForm(datasets) {
   const err = h("p", { class: "alert", role: "alert", id: "model-upload-error" });
@@ -333,16 +362,7 @@ function modelUploadForm(datasets) {
     fd.set("class_names", JSON.stringify(names));
     fd.set("input_spec", spec.value);
     if (v("mu-dataset")) fd.set("dataset_id", v("mu-dataset"));
-    const button = form.querySelector("button[type=submit]");
-    button.disabled = true;
-    try {
-      const m = await api("/models", { method: "POST", body: fd });
-      toast(`Model ${m.name} uploaded (#${m.id})`);
-      await renderCatalog();
-    } catch (e) {
-      err.textContent = `Upload failed: ${e.message}`;
-      button.disabled = false;
-    }
+    await upload(form, err, "/models", fd, (m) => `Model ${m.name} uploaded (#${m.id})`);
   });
   return form;
 }
@@ -363,16 +383,7 @@ function datasetUploadForm() {
     const fd = new FormData();
     fd.set("name", form.querySelector("#du-name").value.trim());
     fd.set("archive", form.querySelector("#du-archive").files[0]);
-    const button = form.querySelector("button[type=submit]");
-    button.disabled = true;
-    try {
-      const d = await api("/datasets", { method: "POST", body: fd });
-      toast(`Dataset ${d.name} uploaded: ${d.num_images} images`);
-      await renderCatalog();
-    } catch (e) {
-      err.textContent = `Upload failed: ${e.message}`;
-      button.disabled = false;
-    }
+    await upload(form, err, "/datasets", fd, (d) => `Dataset ${d.name} uploaded: ${d.num_images} images`);
   });
   return form;
 }
@@ -670,9 +681,9 @@ async function download(a, button) {
   button.disabled = false;
 }
 
-async function routesFigure(a, src, models) {
-  const m = models.get(src.model_id);
-  const name = m ? m.name : `model ${src.model_id}`;
+// The decision-routes SVG of some classes of one model, fetched with the key and shown
+// from a blob: URL (an <img> runs no script from it).
+async function routesFigure(src, name) {
   const q = new URLSearchParams({ classes: src.classes.join(",") });
   if (src.component_set_id) q.set("component_set_id", src.component_set_id);
   const fig = h("figure", { "data-model": src.model_id });
@@ -818,7 +829,8 @@ async function renderAssembly(id, g) {
       h("td", {}, `${c.source_class} (index ${c.source_class_index})`))))));
   const routes = h("section", { class: "card routes", "aria-labelledby": "routes-title" },
     h("h2", { id: "routes-title" }, "Decision routes"),
-    ...(await Promise.all(a.sources.map((s) => routesFigure(a, s, models)))));
+    ...(await Promise.all(a.sources.map((s) => routesFigure(
+      s, models.get(s.model_id)?.name ?? `model ${s.model_id}`)))));
   detail.replaceChildren(
     h("div", { class: "two" },
       h("section", { class: "card", "aria-labelledby": "summary-title" },

@@ -210,6 +210,12 @@ def model_card(driver, name: str):
     return driver.find_element(By.CSS_SELECTOR, f'article.model[aria-label="model {name}"]')
 
 
+def loaded_images(driver, selector: str) -> list:
+    """The images under `selector` that have loaded (and decoded to a picture)."""
+    js = "return arguments[0].complete && arguments[0].naturalWidth > 0"
+    return [i for i in all_css(driver, selector) if driver.execute_script(js, i)]
+
+
 def locate_state(driver, name: str) -> str:
     """none, locating or located: what the model's card shows."""
     status = model_card(driver, name).find_element("css selector", ".locate-status")
@@ -321,6 +327,10 @@ def test_web_journey(
     assert re.fullmatch(r"params \d+(\.\d)?%", share[0]), share
     assert re.fullmatch(r"FLOPs \d+(\.\d)?%", share[1]), share
     assert "component keeps" in brick.get_attribute("aria-label")
+    # The model's decision routes, fetched with the key when its section is opened.
+    card.find_element("css selector", "details.routes summary").click()
+    img = wait_for(d, lambda d: loaded_images(d, "article.model details.routes img"), what="routes")
+    assert img[0].get_attribute("alt") == "Decision routes of digits-low: 0, 1, 2, 3, 4"
     screenshot(d, shots, "catalog")
 
     # The board: 0 by click, 3 by keyboard (Space), 7 by drag and drop, 9 by click.
@@ -370,15 +380,7 @@ def test_web_journey(
     assert int(text_of(d, "#m-params").split("(")[1].rstrip(")")) > 0
 
     # The routes pictures, fetched with the key and shown as images.
-    figs = wait_for(
-        d,
-        lambda d: [
-            f
-            for f in all_css(d, ".routes figure img")
-            if d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", f)
-        ],
-        what="routes pictures",
-    )
+    figs = wait_for(d, lambda d: loaded_images(d, ".routes figure img"), what="routes pictures")
     assert len(figs) == 2
     alt = figs[0].get_attribute("alt")
     assert alt == "Decision routes of digits-low: 0, 3", alt
@@ -426,6 +428,22 @@ def test_docs_work_offline_with_bearer_auth(server, browser):
     css(d, "button.authorize").click()
     wait_for(d, lambda d: all_css(d, ".auth-container input"), what="Authorize dialog")
     assert "bearerAuth" in text_of(d, ".auth-container")
+    css(d, ".auth-container input").send_keys(server.key())
+    css(d, ".auth-btn-wrapper button.authorize").click()
+    css(d, ".auth-btn-wrapper button.btn-done").click()
+    # "Try it out" on GET /api/v1/models sends the key: 200 and the owner's (empty) list.
+    op = "#operations-models-list_models_api_v1_models_get"
+    css(d, f"{op} .opblock-summary").click()
+    wait_for(d, lambda d: all_css(d, f"{op} .try-out__btn"), what="Try it out")
+    css(d, f"{op} .try-out__btn").click()
+    css(d, f"{op} button.execute").click()
+    status = wait_for(
+        d,
+        lambda d: all_css(d, f"{op} .live-responses-table tbody .response-col_status"),
+        what="reply",
+    )
+    assert status[0].text.strip() == "200"
+    assert "bearer" in text_of(d, f"{op} .curl-command").lower()
     resources = d.execute_script(
         "return performance.getEntriesByType('resource').map((e) => e.name)"
     )
