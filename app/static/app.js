@@ -144,8 +144,9 @@ function signInView() {
       h("label", { for: "api-key" }, "API key"),
       input,
       h("span", { class: "hint", id: "key-hint" },
-        "The key `lego serve` printed, or one from `lego keys create NAME`. " +
-        "It is kept in this browser tab's storage and sent in the Authorization header.")),
+        "The key ", h("code", {}, "lego serve"), " printed, or one from ",
+        h("code", {}, "lego keys create NAME"),
+        ". It is kept in this browser tab's storage and sent in the Authorization header.")),
     h("label", { class: "check" }, remember, "Remember on this device"),
     err,
     h("div", {}, h("button", { type: "submit" }, "Sign in")));
