@@ -13,6 +13,7 @@ from app.routers import assemblies, datasets, jobs, models, system
 from app.schemas import API_ERRORS
 from app.services import Services
 from app.settings import Settings, get_settings
+from app.web import install_web
 
 
 def create_app(settings: Settings | None = None, background: bool = True) -> FastAPI:
@@ -39,6 +40,8 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
         "assemble new classifiers from chosen classes, without training. "
         "Authenticate with `Authorization: Bearer <key>` (`lego keys create NAME`).",
         lifespan=lifespan,
+        docs_url=None,  # served offline by app.web
+        redoc_url=None,
     )
     app.state.services = svc
     app.state.catalog = svc.catalog
@@ -46,6 +49,7 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
     for r in (models.router, datasets.router, assemblies.router, jobs.router):
         app.include_router(r, responses=API_ERRORS)
     app.include_router(system.router)
+    install_web(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware)
     logging.getLogger("lego").setLevel(logging.INFO)

@@ -16,7 +16,7 @@ from service_helpers import JOURNEY_NEEDS, MNIST_SPEC_DICT, needs_lego
 pytestmark = [needs_lego(*JOURNEY_NEEDS), pytest.mark.slow]
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
-PUBLIC |= {"/redoc"}
+PUBLIC |= {"/redoc", "/", "/ui/config"}  # the web page and what its forms offer
 
 
 def routes(app) -> list[tuple[str, str]]:
