@@ -294,10 +294,10 @@ def _best_point(lo: torch.Tensor, hi: torch.Tensor, current: float) -> float:
 # ---------------------------------------------------------------------------
 
 
-def build_components(parts: list[Part]) -> list[Component]:
+def build_components(parts: list[Part], device: str | torch.device = "cpu") -> list[Component]:
     comps = []
     for p in parts:
-        comp = disassemble(p.model, p.components, p.classes, data=p.data)
+        comp = disassemble(p.model, p.components, p.classes, data=p.data, device=device)
         comp.source = p.source_id or p.model.name
         comps.append(comp)
     names = [n for c in comps for n in c.class_names]
@@ -312,7 +312,12 @@ def build_components(parts: list[Part]) -> list[Component]:
 
 @torch.no_grad()
 def compute_scales(
-    parts: list[Part], comps: list[Component], raw_spec: InputSpec, method: str, per_class: int
+    parts: list[Part],
+    comps: list[Component],
+    raw_spec: InputSpec,
+    method: str,
+    per_class: int,
+    device: str | torch.device = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if method == "none":
         ones = [(torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))) for c in comps]
@@ -331,8 +336,10 @@ def compute_scales(
     for c in comps:
         branch = Branch(
             c, raw_spec, torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))
+        ).to(device)
+        raw_logits.append(
+            torch.cat([branch(x[i : i + 256].to(device)).cpu() for i in range(0, x.shape[0], 256)])
         )
-        raw_logits.append(torch.cat([branch(x[i : i + 256]) for i in range(0, x.shape[0], 256)]))
     scales, starts = [], 0
     for c, z in zip(comps, raw_logits, strict=True):
         n = len(c.class_names)
@@ -370,8 +377,11 @@ def assemble(
     form: str = "branches",
     calibration_per_class: int = 100,
     progress: Progress | None = None,
+    device: str | torch.device = "cpu",
 ) -> AssembledModel:
-    """Builds one classifier for the union of the parts' classes, in order."""
+    """Builds one classifier for the union of the parts' classes, in order.
+    `device`: where the forward passes (mean compensation, scaling fits) run; the
+    assembled model is on the CPU."""
     if not parts:
         raise IncompatibleComponentsError("an assembly needs at least one part")
     if scaling not in SCALING_METHODS:
@@ -380,12 +390,14 @@ def assemble(
         raise LegoError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     report = progress or (lambda f, m: None)
     report(0.0, "disassembling")
-    comps = build_components(parts)
+    comps = build_components(parts, device)
     raw_spec = raw_spec_for([c.spec for c in comps])
     if form == "padded":
         check_padded(parts, comps)
     report(0.4, "scaling")
-    scales, mixer = compute_scales(parts, comps, raw_spec, scaling, calibration_per_class)
+    scales, mixer = compute_scales(
+        parts, comps, raw_spec, scaling, calibration_per_class, device=device
+    )
     report(0.7, "assembling")
     if form == "branches":
         module = BranchesNet(

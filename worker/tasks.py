@@ -193,6 +193,7 @@ def assemble_job(ctx: JobContext) -> Result:
         parts,
         progress=ctx.sub(0.3, 0.8),
         calibration_per_class=settings.calibration_per_class,
+        device=ctx.device,
         **kwargs,
     )
 

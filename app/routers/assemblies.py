@@ -29,7 +29,7 @@ from app.predict import Batcher, b64decode_image, decode_image, predict
 from app.routers.common import PathId, drop_artifacts, owned, resolve_classes, unprocessable
 from app.schemas import AssemblyIn, AssemblyOut, PredictIn, PredictOut
 from app.services import Services, services
-from worker.runtime import create_job
+from worker.runtime import create_job, resolve_device
 from worker.tasks import locate_jobs_for, no_components_reason
 
 router = APIRouter(prefix="/api/v1", tags=["assemblies"])
@@ -209,7 +209,8 @@ def download_assembly(
 def served_model(svc: Services, sha: str) -> Batcher:
     def load() -> Batcher:
         path = adapters.named_path(svc.storage, sha, ".pt")
-        return Batcher(adapters.load_classifier(path), svc.settings.predict_batch_size)
+        classifier = adapters.load_classifier(path, resolve_device(svc.settings.device))
+        return Batcher(classifier, svc.settings.predict_batch_size)
 
     return svc.models.get(sha, load)
 
