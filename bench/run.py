@@ -1,7 +1,7 @@
 """`make bench`: measure every figure against its baseline, write the results.
 
-    python -m bench.run [--quick] [--figures 1,2,3,4,5] [--device auto|cpu|cuda]
-                        [--fig1-samples N] [--out DIR]
+    python -m bench.run [--quick] [--figures 1,2,3,4,5,6] [--device auto|cpu|cuda]
+                        [--fig1-samples N] [--out DIR] [--keep]
 
 Writes DIR/RESULTS.md and DIR/results.json (CPU), and with CUDA also
 DIR/RESULTS-gpu.md and DIR/results-gpu.json (figures 1-3 on the GPU), and prints
@@ -165,7 +165,7 @@ def write_results(
         'figure 1 baseline / project ("x lower"); figure 2 project / floor; figure 3 '
         "project / sequential components; figure 4 added latency (p50 over HTTP minus p50 "
         "in-process) and throughput over HTTP / in-process; figure 5 service time minus "
-        "direct time.",
+        "direct time; figure 6 eager torch / ONNX Runtime.",
         "",
         "## Notes",
         "",
