@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         15.0, description="How long the API reuses its look at whether a GPU worker is up."
     )
     worker_queues: str = Field("", description="Queues `lego worker` consumes; empty: cpu_queue.")
+    locate_shard_rows: int = Field(
+        50_000,
+        description="Full stack: a locate job over more dataset rows than this is split into "
+        "shard tasks of about this many rows over the workers (0: never split).",
+    )
     worker_concurrency: int = 1
     device: str = Field(
         "auto", description="auto (cuda when present), cpu or cuda: jobs and predict run there."

@@ -29,6 +29,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.settings import Settings, get_settings
 from worker.runtime import Env, execute
+from worker.shards import SHARD_TASK, run_shard_task
 
 TASK_NAME = "lego.run_job"
 BUSY_RETRIES = 20
@@ -96,6 +97,19 @@ def run_job(self, job_id: int) -> str:
         # heartbeat would have gone stale; the reaper requeues it if it did.
         raise self.retry(countdown=_env().settings.job_stale_s, max_retries=BUSY_RETRIES)
     return outcome.state
+
+
+@celery.task(
+    name=SHARD_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, ConnectionError),
+    retry_backoff=True,
+    max_retries=5,
+)
+def locate_shard(job_id: int, phase: str, k: int, count: int) -> str:
+    """Shard k of a locate job split across workers (worker/shards.py)."""
+    return run_shard_task(_env(), job_id, phase, k, count)
 
 
 @functools.lru_cache(maxsize=8)
