@@ -115,7 +115,7 @@ def locate_shard(job_id: int, phase: str, k: int, count: int) -> str:
 @functools.lru_cache(maxsize=8)
 def client(broker_url: str, queue: str) -> Celery:
     """A publishing client for the API (which may be configured apart from this module)."""
-    return make_celery(Settings(broker_url=broker_url, worker_queues=queue))
+    return make_celery(Settings(broker_url=broker_url, cpu_queue=queue))
 
 
 def consumed_queues(settings: Settings, timeout: float = GPU_PROBE_TIMEOUT_S) -> set[str]:
