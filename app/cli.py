@@ -62,6 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_queues(args: argparse.Namespace, settings: Settings) -> str:
+    """The queues `lego worker` consumes: --queues, else LEGO_WORKER_QUEUES, else the CPU queue."""
+    return args.queues or settings.worker_queues or settings.cpu_queue
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     if settings.embedded_broker:
@@ -86,7 +91,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "worker",
         f"--loglevel={args.loglevel}",
         f"--concurrency={args.concurrency or settings.worker_concurrency}",
-        f"--queues={args.queues or settings.worker_queues}",
+        f"--queues={worker_queues(args, settings)}",
         f"--pool={args.pool}",
         f"--hostname=lego-{os.getpid()}@%h",
         "--without-gossip",
@@ -142,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a Celery worker (full stack; applies migrations)")
     w.add_argument("--concurrency", type=int, default=None)
-    w.add_argument("--queues", default=None, help="comma-separated (default LEGO_WORKER_QUEUES)")
+    w.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated (default LEGO_WORKER_QUEUES, else LEGO_CPU_QUEUE)",
+    )
     w.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"))
     w.add_argument("--loglevel", default="INFO")
     w.set_defaults(func=cmd_worker)

@@ -349,10 +349,13 @@ def _best_point(lo: torch.Tensor, hi: torch.Tensor, current: float) -> float:
 # ---------------------------------------------------------------------------
 
 
-def build_components(parts: list[Part], compensate: bool = True) -> list[Component]:
+def build_components(
+    parts: list[Part], compensate: bool = True, device: str | torch.device = "cpu"
+) -> list[Component]:
     comps = []
     for p in parts:
-        comp = disassemble(p.model, p.components, p.classes, data=p.data if compensate else None)
+        data = p.data if compensate else None
+        comp = disassemble(p.model, p.components, p.classes, data=data, device=device)
         comp.source = p.source_id or p.model.name
         comps.append(comp)
     names = [n for c in comps for n in c.class_names]
@@ -382,7 +385,12 @@ def sample_pool(parts, comps, raw_spec: InputSpec, rows_of, method: str):
 
 @torch.no_grad()
 def compute_scales(
-    parts: list[Part], comps: list[Component], raw_spec: InputSpec, method: str, per_class: int
+    parts: list[Part],
+    comps: list[Component],
+    raw_spec: InputSpec,
+    method: str,
+    per_class: int,
+    device: str | torch.device = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     # "gaussian": the decision stage standardises every feature, logits included,
     # so a per-class scale would change nothing there.
@@ -396,8 +404,10 @@ def compute_scales(
     for c in comps:
         branch = Branch(
             c, raw_spec, torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))
+        ).to(device)
+        raw_logits.append(
+            torch.cat([branch(x[i : i + 256].to(device)).cpu() for i in range(0, x.shape[0], 256)])
         )
-        raw_logits.append(torch.cat([branch(x[i : i + 256]) for i in range(0, x.shape[0], 256)]))
     scales, starts = [], 0
     for c, z in zip(comps, raw_logits, strict=True):
         n = len(c.class_names)
@@ -459,6 +469,7 @@ def fit_decision(
     per_class: int,
     rule: str,
     unscale: torch.Tensor,
+    device: str | torch.device = "cpu",
 ) -> tuple[DecisionNet, dict]:
     """Runs every component over samples of every part's locating dataset and
     fits the Gaussian discriminant on their concatenated features and logits."""
@@ -467,10 +478,12 @@ def fit_decision(
     )
     offset = sum(len(c.class_names) for c in comps)
     logits, feats = [], []
+    body.to(device)
     for i in range(0, x.shape[0], 256):
-        lg, ft = body.features(x[i : i + 256])
-        logits.append(lg)
-        feats.append(ft)
+        lg, ft = body.features(x[i : i + 256].to(device))
+        logits.append(lg.cpu())
+        feats.append(ft.cpu())
+    body.cpu()
     z = torch.cat([torch.cat(feats), torch.cat(logits)], 1)
     weight, bias, info = fit_gaussian_discriminant(z, y, offset)
     sizes = [len(c.class_names) for c in comps]
@@ -492,6 +505,7 @@ def assemble(
     progress: Progress | None = None,
     decision_features: str = "all",
     decision_rule: str = DECISION_RULES[0],
+    device: str | torch.device = "cpu",
 ) -> AssembledModel:
     """Builds one classifier for the union of the parts' classes, in order.
 
@@ -500,7 +514,8 @@ def assemble(
     mean contribution into biases at disassembly (needs each part's dataset).
     `decision_features` ("all" linear-layer inputs, "penultimate" the last
     one's, "logits" none) and `decision_rule` ("factorised" or "joint") shape
-    the decision stage."""
+    the decision stage. `device`: where the forward passes (mean compensation,
+    scaling and decision fits) run; the assembled model is on the CPU."""
     if not parts:
         raise IncompatibleComponentsError("an assembly needs at least one part")
     if scaling not in SCALING_METHODS:
@@ -520,12 +535,14 @@ def assemble(
         raise LegoError("calibration_per_class must be at least 1")
     report = progress or (lambda f, m: None)
     report(0.0, "disassembling")
-    comps = build_components(parts, compensate)
+    comps = build_components(parts, compensate, device)
     raw_spec = raw_spec_for([c.spec for c in comps])
     if form == "padded":
         check_padded(parts, comps)
     report(0.4, "scaling")
-    scales, mixer = compute_scales(parts, comps, raw_spec, scaling, calibration_per_class)
+    scales, mixer = compute_scales(
+        parts, comps, raw_spec, scaling, calibration_per_class, device=device
+    )
     report(0.6, "assembling")
     gaussian = scaling == "gaussian"
 
@@ -552,7 +569,14 @@ def assemble(
         report(0.7, "fitting the decision stage")
         unscale = 1.0 / torch.cat([s for s, _ in scales])
         module, decision = fit_decision(
-            parts, comps, module.eval(), raw_spec, calibration_per_class, decision_rule, unscale
+            parts,
+            comps,
+            module.eval(),
+            raw_spec,
+            calibration_per_class,
+            decision_rule,
+            unscale,
+            device,
         )
     module.eval()
     lineage = [

@@ -24,11 +24,12 @@ from app.catalog import (
     Job,
     Model,
 )
+from app.downloads import FORMATS, DownloadFormat, download_file
 from app.predict import Batcher, b64decode_image, decode_image, predict
 from app.routers.common import PathId, drop_artifacts, owned, resolve_classes, unprocessable
 from app.schemas import AssemblyIn, AssemblyOut, PredictIn, PredictOut
 from app.services import Services, services
-from worker.runtime import create_job
+from worker.runtime import create_job, resolve_device
 from worker.tasks import locate_jobs_for, no_components_reason
 
 router = APIRouter(prefix="/api/v1", tags=["assemblies"])
@@ -186,20 +187,30 @@ def predict_artifact(svc: Services, key: str, assembly_id: int) -> str:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
+def download_assembly(
+    assembly_id: PathId,
+    owner: Owner,
+    svc: Svc,
+    format: Annotated[
+        DownloadFormat,
+        Query(description="pt (torch.export), onnx, or triton (a model repository zip)"),
+    ] = "pt",
+):
     sha, name = finished_artifact(svc, owner, assembly_id)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "assembly"
+    suffix, media_type = FORMATS[format]
     return FileResponse(
-        svc.storage.require(sha),
-        media_type="application/octet-stream",
-        filename=f"assembly-{assembly_id}-{safe}.pt",
+        download_file(svc.storage, sha, format, name),
+        media_type=media_type,
+        filename=f"assembly-{assembly_id}-{safe}{suffix}",
     )
 
 
 def served_model(svc: Services, sha: str) -> Batcher:
     def load() -> Batcher:
         path = adapters.named_path(svc.storage, sha, ".pt")
-        return Batcher(adapters.load_classifier(path), svc.settings.predict_batch_size)
+        classifier = adapters.load_classifier(path, resolve_device(svc.settings.device))
+        return Batcher(classifier, svc.settings.predict_batch_size)
 
     return svc.models.get(sha, load)
 
@@ -254,9 +265,7 @@ PREDICT_BODY = {
 @router.post(
     "/assemblies/{assembly_id}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
 )
-async def predict_post(
-    assembly_id: PathId, request: Request, key: Key, svc: Svc, top_k: TopK = 3
-):
+async def predict_post(assembly_id: PathId, request: Request, key: Key, svc: Svc, top_k: TopK = 3):
     # The body is read first (its size is bounded by BodyLimitMiddleware), so that the
     # key check, the lookup, decoding and the model call take one thread-pool hop.
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -161,6 +161,42 @@ def test_bad_predict_input(journey):
     assert http.get("/api/v1/assemblies/999/predict", params={"image": "AAAA"}).status_code == 404
 
 
+def test_download_as_onnx_and_triton_repository(journey, tmp_path):
+    """?format=onnx gives the .pt's logits under ONNX Runtime; ?format=triton a repository zip."""
+    import zipfile
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from lego_core import load_exported
+
+    http, asm = journey["http"], journey["ids"]["assembly"]
+    url = f"/api/v1/assemblies/{asm}/download"
+    pt = tmp_path / "a.pt"
+    pt.write_bytes(http.get(url, params={"format": "pt"}).content)
+    r = http.get(url, params={"format": "onnx"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-disposition"].endswith('-digits-0379.onnx"')
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": x})[0]
+    assert np.abs(got - load_exported(pt)(torch.from_numpy(x)).numpy()).max() < 1e-4
+
+    r = http.get(url, params={"format": "triton"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    (tmp_path / "repo.zip").write_bytes(r.content)
+    with zipfile.ZipFile(tmp_path / "repo.zip") as z:
+        assert sorted(z.namelist()) == [
+            "digits-0379/1/model.onnx",
+            "digits-0379/config.pbtxt",
+            "digits-0379/labels.txt",
+        ]
+        assert z.read("digits-0379/labels.txt").decode().split() == ["0", "3", "7", "9"]
+    assert http.get(url, params={"format": "tflite"}).status_code == 422
+    assert journey["bob"].get(url, params={"format": "onnx"}).status_code == 404
+
+
 def test_assembly_can_be_deleted_then_its_models(journey):
     http, ids, svc = journey["http"], journey["ids"], journey["svc"]
     r = http.post("/api/v1/assemblies", json=ids["body"])
