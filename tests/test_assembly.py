@@ -40,7 +40,7 @@ def halves(lenet_halves):
         model = source_from_module(
             module, MNIST_SPEC, data.class_names, "lenet", f"lenet-{task[0]}"
         )
-        parts.append(Part(model, locate(model, data, with_stats=False), task, data, model.name))
+        parts.append(Part(model, locate(model, data), task, data, model.name))
     return parts
 
 
@@ -109,7 +109,7 @@ def test_branches_cost_is_the_sum_of_the_components():
         parts.append(
             Part(
                 model,
-                locate(model, data, samples_per_class=8, with_stats=False),
+                locate(model, data, samples_per_class=8),
                 names[:2],
                 data,
                 model.name,
@@ -137,7 +137,7 @@ def test_assembly_across_architectures_and_input_specs(halves):
     module = build_model("plain_cnn", 3, CIFAR10_SPEC).eval()
     rgb = source_from_module(module, CIFAR10_SPEC, names, "plain_cnn", "rgb")
     data = _random_data(names, torch.Generator().manual_seed(1))
-    rgb_part = Part(rgb, locate(rgb, data, samples_per_class=8, with_stats=False), ["dog"], data)
+    rgb_part = Part(rgb, locate(rgb, data, samples_per_class=8), ["dog"], data)
     assembled = assemble([halves[0], rgb_part], scaling="reference")
     assert assembled.spec.shape == (3, 32, 32)
     assert assembled.class_names == ["0", "1", "2", "dog"]

@@ -67,7 +67,7 @@ def located_data(ctx: JobContext, m: Model, ds: Dataset, spec):
 
 
 def locate_job(ctx: JobContext) -> Result:
-    from lego_core import Components, locate
+    from lego_core import Components, component_stats, locate
 
     p = ctx.payload
     parameters = {
@@ -99,7 +99,8 @@ def locate_job(ctx: JobContext) -> Result:
     data = located_data(ctx, m, ds, source.spec)
     ctx.progress(0.1, "locating components")
     kwargs = {k: v for k, v in parameters.items() if v is not None}
-    comps = locate(source, data, progress=ctx.sub(0.1, 0.95), device=ctx.device, **kwargs)
+    comps = locate(source, data, progress=ctx.sub(0.1, 0.85), device=ctx.device, **kwargs)
+    comps.stats = component_stats(source, comps, progress=ctx.sub(0.85, 0.95))
     ctx.progress(0.96, "saving components")
     with ctx.storage.temp_path(".pt") as t:
         comps.save(t)
