@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -204,3 +205,32 @@ def test_exported_model_predicts_the_same_in_a_bare_process(halves, six_digits, 
     assert result["pred"] == expected.tolist()
     assert result["classes"] == ["0", "1", "2", "7", "8", "9"]
     assert result["spec"]["channels"] == 1 and result["spec"]["height"] == 28
+
+
+def test_padded_equals_branches_with_mean_compensation_in_either_order():
+    """Components of bias-free residual convs: mean compensation gives each its own
+    new biases, which the padded form must keep per component."""
+    parts = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        module = build_model("resnet_small", 3, CIFAR10_SPEC).eval()
+        names = [f"r{seed}c{i}" for i in range(3)]
+        model = source_from_module(module, CIFAR10_SPEC, names, "resnet_small", f"r{seed}")
+        data = _random_data(names, torch.Generator().manual_seed(seed))
+        comps = locate(model, data, samples_per_class=8, alpha=0.5, beta=0.4)
+        if seed == 0:  # keeps every channel: no compensation, no new biases
+            masks = {
+                c: {k: torch.ones_like(m) for k, m in ms.items()} for c, ms in comps.masks.items()
+            }
+            comps = dataclasses.replace(comps, masks=masks)
+        parts.append(Part(model, comps, names[:2], data, model.name))
+    x = parts[0].data.images[:16].float() / 255
+    for order in (parts, parts[::-1]):
+        branches = assemble(order, scaling="none", form="branches")
+        padded = assemble(order, scaling="none", form="padded")
+        added = [
+            any(k.endswith("lego_mean_bias") for k in c.graph.tensors) for c in branches.components
+        ]
+        assert added == ([False, True] if order is parts else [True, False])
+        with torch.no_grad():
+            assert torch.allclose(branches(x), padded(x), rtol=1e-4, atol=1e-4)
