@@ -475,6 +475,7 @@ def merge_padded(comps: list[Component], scales) -> LegoGraph:
         args = list(node.args) + [None] * max(0, 3 - len(node.args))
         args[2] = Param(key)
         return dataclasses.replace(node, args=tuple(args))
+
     for node in g0.nodes:
         name = node.name
         graphs = [c.graph for c in comps]
