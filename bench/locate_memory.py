@@ -57,7 +57,16 @@ def measure(arch: str, samples_per_class: int, budget: int) -> dict:
         for node in model.graph.layers()
     )
     t0 = time.perf_counter()
-    comps = locate(model, data, samples_per_class=samples_per_class, memory_budget=budget)
+    shown = [-1]
+
+    def progress(fraction: float, message: str) -> None:
+        if int(fraction * 20) > shown[0]:  # every 5%, on stderr
+            shown[0] = int(fraction * 20)
+            print(f"{arch}: {100 * fraction:.0f}% {message}", file=sys.stderr, flush=True)
+
+    comps = locate(
+        model, data, samples_per_class=samples_per_class, memory_budget=budget, progress=progress
+    )
     seconds = time.perf_counter() - t0
     rise = max(0, _rss_peak() - baseline)
     return {
@@ -94,7 +103,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "bench.locate_memory", "--child", "--arch", arch]
         cmd += ["--samples-per-class", str(args.samples_per_class)]
         cmd += ["--budget-mib", str(args.budget_mib)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)
         print(
