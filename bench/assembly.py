@@ -53,7 +53,7 @@ def build(device: str):
         model = source_from_module(
             module, CIFAR10_SPEC, data.class_names, arch="plain_cnn", name=f"plain_cnn-{seed}"
         )
-        comps = locate(model, data, samples_per_class=10, with_stats=False)
+        comps = locate(model, data, samples_per_class=10)
         parts.append(Part(model, comps, classes=list(classes), data=data, source_id=f"m{seed}"))
     forms = {form: assemble(parts, scaling="none", form=form) for form in ("branches", "padded")}
     return forms, data

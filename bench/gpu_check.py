@@ -102,9 +102,7 @@ def run(device: str, per_class: int) -> int:
         comps = {}
         for dev in ("cpu", device):
             comps[dev], t = timed(
-                lambda d=dev, m=model, x=data: locate(
-                    m, x, samples_per_class=20, with_stats=False, device=d
-                ),
+                lambda d=dev, m=model, x=data: locate(m, x, samples_per_class=20, device=d),
                 dev,
             )
             rows.append((f"locate {label}", dev, t, ""))

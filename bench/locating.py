@@ -1,10 +1,10 @@
 """Figure 2: locating end to end against its floor.
 
-Project: `lego_core.locate(model, data, samples_per_class=50, with_stats=False)` over
-a 10,000-image test set: sample selection (a forward pass over every image), the
-contribution pass over the selected samples and the masks. `with_stats=False`:
-the per-class component statistics (params and FLOPs of each single-class
-component) are a report, not part of locating.
+Project: `lego_core.locate(model, data, samples_per_class=50)` over a 10,000-image
+test set: sample selection (a forward pass over every image), the contribution pass
+over the selected samples and the masks. (The per-class component statistics,
+params and FLOPs of each single-class component, are a report that callers ask
+`lego_core.evaluate.component_stats` for; they are not part of locating.)
 
 Floor: one plain forward pass of the same model, as the PyTorch module it was built
 from, over the same images in the same batches (256, as sample selection uses),
@@ -75,7 +75,7 @@ def run(cfg: Config) -> FigureResult:
         module = module.eval().to(device)
         model = source_from_module(module.cpu(), spec, data.class_names, arch=name, name=name)
         module = module.to(device)
-        kw = {"with_stats": False}
+        kw = {}
         if device != "cpu":
             if not accepts(locate, "device"):
                 raise RuntimeError("lego_core.locate takes no device argument")

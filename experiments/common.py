@@ -233,9 +233,7 @@ def trained(settings: Settings, data: Data, plan: ModelPlan) -> Trained:
         components = Components.load(comp_path)
     else:
         t = time.time()
-        components = locate(
-            model, train_data, samples_per_class=settings.samples_per_class, with_stats=False
-        )
+        components = locate(model, train_data, samples_per_class=settings.samples_per_class)
         components.save(comp_path)
         meta["locate_seconds"] = round(time.time() - t, 1)
         meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "cached"}, indent=1))

@@ -31,7 +31,13 @@ from lego_core.errors import (
     ModelFileError,
     UnknownClassError,
 )
-from lego_core.evaluate import accuracy_on, count_flops, count_params, evaluate_assembly
+from lego_core.evaluate import (
+    accuracy_on,
+    component_stats,
+    count_flops,
+    count_params,
+    evaluate_assembly,
+)
 from lego_core.export import ExportedClassifier, export_model, load_exported
 from lego_core.locate import (
     DEFAULT_ALPHA,
@@ -75,6 +81,7 @@ __all__ = [
     "SourceModel",
     "UnknownClassError",
     "accuracy_on",
+    "component_stats",
     "assemble",
     "build_model",
     "count_flops",

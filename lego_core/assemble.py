@@ -633,12 +633,34 @@ def merge_padded(comps: list[Component], scales) -> LegoGraph:
     pos[i][value] are the channel positions of component i inside the merged
     value: new blocks at every conv/linear output, carried through per-channel
     ops, concatenated at cats and expanded at flattens."""
+    import dataclasses
+
     g0 = comps[0].graph
     k = len(comps)
     pos: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     width: dict[str, int] = {}
     tensors: dict[str, torch.Tensor] = {}
     nodes: list[Node] = []
+
+    def merged_bias(node: Node, rows: list[torch.Tensor], size: int) -> Node:
+        """Each component's own bias at its rows (mean compensation gives every
+        component different values, and a bias to layers that had none), zeros
+        where a component has none; the node gets a bias argument if needed."""
+        own = [c.graph.node(node.name).bias_key() for c in comps]
+        if not any(own):
+            return node
+        b = torch.zeros(size)
+        for c, key, r in zip(comps, own, rows, strict=True):
+            if key is not None:
+                b[r] = c.graph.tensors[key].to(b.dtype)
+        key = node.bias_key() or next(key for key in own if key is not None)
+        tensors[key] = b
+        if node.bias_key() == key:
+            return node
+        args = list(node.args) + [None] * max(0, 3 - len(node.args))
+        args[2] = Param(key)
+        return dataclasses.replace(node, args=tuple(args))
+
     for node in g0.nodes:
         name = node.name
         graphs = [c.graph for c in comps]
@@ -674,11 +696,7 @@ def merge_padded(comps: list[Component], scales) -> LegoGraph:
                 for i, w in enumerate(ws):
                     merged[pos[i][name][:, None], pos[i][src][None, :]] = w
             tensors[node.weight_key()] = merged
-            if node.bias_key():
-                b = torch.zeros(width[name])
-                for i, g in enumerate(graphs):
-                    b[pos[i][name]] = g.tensors[node.bias_key()]
-                tensors[node.bias_key()] = b
+            node = merged_bias(node, [pos[i][name] for i in range(k)], width[name])
         elif node.kind in ("bn", "pass", "getitem", "tie"):
             src = [r for r in node.refs() if r in width][0]
             for i in range(k):

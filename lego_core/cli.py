@@ -49,7 +49,7 @@ from lego_core.errors import (
     LegoError,
     ModelFileError,
 )
-from lego_core.evaluate import accuracy_on, count_flops, count_params
+from lego_core.evaluate import accuracy_on, component_stats, count_flops, count_params
 from lego_core.export import ExportedClassifier, export_model, load_exported
 from lego_core.files import atomic_write
 from lego_core.locate import DEFAULT_SAMPLES_PER_CLASS, Components, locate
@@ -478,6 +478,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
             shards=args.shards,
             progress=bar,
         )
+    comps.stats = component_stats(model, comps)
     # Enough to reload exactly this dataset later (assembly scales with its rows).
     comps.dataset["source"] = str(Path(args.data).resolve())
     comps.dataset["load"] = {"classes": classes, "per_class_limit": args.limit_per_class}

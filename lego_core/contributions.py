@@ -175,42 +175,58 @@ def linear_contributions(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight[None, :, :] * x[:, None, :]).clamp_(min=0)
 
 
+CLASSES_KEY = "#classes"  # the model classes the rows of every sum stand for
+POS, NEG = "#pos", "#neg"  # linear layers: per-class sums of x+ and x- per input
+
+
 class ContributionAccumulator:
-    """Sums per-class contributions R_c[l] over the samples it is shown.
+    """Sums per-class contributions R_c[l] over the samples it is shown, for the
+    model classes `classes` (sorted) only: row i of every sum is class classes[i].
 
-    `add(node, x, labels)` is the GraphNet hook body; `labels` are the class
-    indices of the batch's samples (into `num_classes`)."""
+    Conv layers: [k, Q, P / groups] float64. The per-sample clamp comes after the
+    sum over kernel taps and positions, so nothing smaller suffices.
+    Linear layers: relu(w * x) = w+ x+ + w- x- elementwise (w+ = max(w, 0), w- =
+    min(w, 0), same for x), so the class sum of clamped contributions is
+    w+ * sum(x+) + w- * sum(x-): the accumulator keeps only the per-class sums of
+    x+ and x- per input ([k, P] each, keys LAYER#pos and LAYER#neg), and
+    `linear_class_sums` forms a class's [Q, P] when its mask is computed.
 
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
+    `set_batch(labels)` before each forward pass: the model class of each sample
+    (all of them in `classes`). `add(node, x, weight)` is the GraphNet hook body."""
+
+    def __init__(self, classes):
+        self.classes = torch.as_tensor(classes, dtype=torch.long).sort().values
         self.sums: dict[str, torch.Tensor] = {}
-        self.labels: torch.Tensor | None = None
-        self.weights: dict[str, torch.Tensor] = {}
+        self.labels: torch.Tensor | None = None  # rows into `classes`, per sample
 
-    def _accumulate(self, layer: str, part: torch.Tensor) -> None:
-        # float32 per block, float64 across blocks; the first block is the start
-        # value (no zeros to allocate and add to).
-        acc = self.sums.get(layer)
+    def set_batch(self, labels: torch.Tensor) -> None:
+        rows = torch.searchsorted(self.classes.to(labels.device), labels)
+        self.labels = rows
+
+    def _accumulate(self, key: str, lo: int, part: torch.Tensor) -> None:
+        # float32 per batch, float64 across batches.
+        acc = self.sums.get(key)
         if acc is None:
-            self.sums[layer] = part.double()
-        else:
-            acc += part.double()  # (a mixed-dtype add_ is several times slower)
+            shape = (self.classes.numel(), *part.shape[1:])
+            acc = self.sums[key] = torch.zeros(shape, dtype=torch.float64, device=part.device)
+        acc[lo : lo + part.shape[0]] += part.double()  # (a mixed-dtype add_ is slower)
 
     def add(self, node: Node, x: torch.Tensor, weight: torch.Tensor) -> None:
         labels = self.labels
         if node.kind == "linear":
-            q, p = weight.shape
-            if bool((x >= 0).all()):
-                per_class = torch.zeros(self.num_classes, p, dtype=x.dtype, device=x.device)
-                per_class.index_add_(0, labels, x)
-                self._accumulate(node.layer, weight.clamp(min=0)[None] * per_class[:, None, :])
-                return
-            step = max(1, _BLOCK_ELEMENTS // max(1, q * p))
-            for i in range(0, x.shape[0], step):
-                part = linear_contributions(x[i : i + step], weight)
-                per_class = torch.zeros(self.num_classes, q, p, dtype=x.dtype, device=x.device)
-                self._accumulate(node.layer, per_class.index_add_(0, labels[i : i + step], part))
+            k = self.classes.numel()
+            for key, part in ((POS, x.clamp(min=0)), (NEG, x.clamp(max=0))):
+                acc = self.sums.get(node.layer + key)
+                if acc is None:
+                    acc = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+                    self.sums[node.layer + key] = acc
+                acc.index_add_(0, labels, part.double())
             return
+        # The batch's classes are a contiguous range of rows (samples come in
+        # class order); the per-batch sums cover that range only.
+        lo = int(labels.min())
+        local = labels - lo
+        n_local = int(local.max()) + 1
         stride, padding, dilation, groups = node.conv_options()
         # conv_class_sums chunks the input channels; samples are split only when
         # one input channel's [B, Q/groups] values alone exceed the block.
@@ -223,15 +239,45 @@ class ContributionAccumulator:
                 padding,
                 dilation,
                 groups,
-                labels[i : i + step],
-                self.num_classes,
+                local[i : i + step],
+                n_local,
             )
-            self._accumulate(node.layer, part)
+            self._accumulate(node.layer, lo, part)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {CLASSES_KEY: self.classes.clone(), **{k: v.cpu() for k, v in self.sums.items()}}
+
+
+def linear_class_sums(sums: dict[str, torch.Tensor], layer: str, row: int, weight, rows=None):
+    """The [Q, P] (or [len(rows), P]) clamped-contribution sums of a linear layer for
+    one row of `sums`, from its sums of x+ and x-: w+ * sum(x+) + w- * sum(x-)."""
+    w = weight.double() if rows is None else weight[rows].double()
+    pos, neg = sums[layer + POS][row], sums[layer + NEG][row]
+    return w.clamp(min=0) * pos[None, :] + w.clamp(max=0) * neg[None, :]
 
 
 def add_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contribution sums are additive over samples: shard results add up."""
-    out = {k: v.clone() for k, v in a.items()}
-    for k, v in b.items():
-        out[k] = out[k] + v if k in out else v.clone()
+    """Contribution sums are additive over samples: shard results add up. Rows
+    of the same class are added, the other classes' rows are kept (sorted)."""
+    if not a:
+        return {k: v.clone() for k, v in b.items()}
+    if not b:
+        return {k: v.clone() for k, v in a.items()}
+    if CLASSES_KEY not in a or CLASSES_KEY not in b:  # dense [num_classes, ...] sums
+        out = {k: v.clone() for k, v in a.items()}
+        for k, v in b.items():
+            out[k] = out[k] + v if k in out else v.clone()
+        return out
+    ca, cb = a[CLASSES_KEY], b[CLASSES_KEY]
+    classes = torch.unique(torch.cat([ca, cb]))  # sorted
+    ra, rb = torch.searchsorted(classes, ca), torch.searchsorted(classes, cb)
+    out = {CLASSES_KEY: classes}
+    for k in sorted((set(a) | set(b)) - {CLASSES_KEY}):
+        ref = a.get(k, b.get(k))
+        acc = torch.zeros((classes.numel(), *ref.shape[1:]), dtype=ref.dtype)
+        if k in a:
+            acc[ra] += a[k]
+        if k in b:
+            acc[rb] += b[k]
+        out[k] = acc
     return out

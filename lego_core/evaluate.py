@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lego_core.data import normalize
+from lego_core.assemble import InputAdapter
+from lego_core.data import ImageFolderData, normalize
+from lego_core.disassemble import disassemble
 from lego_core.errors import DatasetError
 from lego_core.spec import InputSpec
 
@@ -30,6 +32,19 @@ def count_flops(model, spec: InputSpec | None = None) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(x)
     return int(counter.get_total_flops())
+
+
+def component_stats(model, components, progress=None) -> dict[int, dict]:
+    """Params and FLOPs of every located class's single-class component, as
+    {class: {"params": n, "flops": n}} (what `Components.stats` holds)."""
+    classes = components.located_classes
+    stats = {}
+    for i, c in enumerate(classes):
+        comp = disassemble(model, components, [c])
+        stats[c] = {"params": comp.graph.param_count(), "flops": count_flops(comp)}
+        if progress:
+            progress((i + 1) / len(classes), "measuring components")
+    return stats
 
 
 def count_params(module: nn.Module) -> int:
@@ -91,8 +106,6 @@ def accuracy_on(
 
 def _merge(datasets):
     """Concatenates datasets of one image shape, unifying class names."""
-    from lego_core.data import ImageFolderData
-
     if len(datasets) == 1:
         return datasets[0]
     names: list[str] = []
@@ -109,8 +122,6 @@ def _merge(datasets):
 def evaluate_assembly(assembled, datasets: list) -> dict:
     """Assembled accuracy and Base (MDA section 7) on test datasets loaded with
     the assembled model's spec (raw images, classes matched by name)."""
-    from lego_core.assemble import InputAdapter
-
     if not datasets:
         raise DatasetError("no evaluation dataset was given")
     shapes = {tuple(d.images.shape[1:]) for d in datasets}

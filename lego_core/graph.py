@@ -269,17 +269,15 @@ class LegoGraph:
         return LegoGraph(nodes or self.nodes, tensors, self.input_name, self.output_name)
 
     def param_count(self) -> int:
-        """Learnable parameters: conv/linear weights and biases, batch-norm affine."""
+        """Elements of every parameter and buffer the graph's nodes read (weights,
+        biases, norm scales and running statistics, constants), each counted once."""
         keys: set[str] = set()
         for n in self.nodes:
-            if n.kind in ("conv", "linear"):
-                keys.add(n.weight_key())
-                if n.bias_key():
-                    keys.add(n.bias_key())
-            elif n.kind == "bn":
-                for a in n.args[1:3]:
-                    if isinstance(a, Param):
-                        keys.add(a.key)
+            _walk(n.args, lambda a: keys.add(a.key) if isinstance(a, Param) else None)
+            _walk(
+                tuple(n.kwargs.values()),
+                lambda a: keys.add(a.key) if isinstance(a, Param) else None,
+            )
         return sum(self.tensors[k].numel() for k in keys)
 
 
@@ -299,10 +297,21 @@ class GraphNet(nn.Module):
             self.register_buffer(name, t, persistent=True)
             self._buffer_names[key] = name
         self.hook = None
+        # The values whose last reader is each node, freed once it has run, so a
+        # forward pass holds only the live values, not every intermediate.
+        last: dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for r in node.refs():
+                last[r] = i
+        self._free_after: list[list[str]] = [[] for _ in graph.nodes]
+        for name, i in last.items():
+            if name != graph.output_name and name not in self.taps:
+                self._free_after[i].append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, Any] = {self.graph.input_name: x}
         hook = self.hook
+        free_after = self._free_after
 
         def resolve(a):
             if isinstance(a, Ref):
@@ -311,17 +320,19 @@ class GraphNet(nn.Module):
                 return getattr(self, self._buffer_names[a.key])
             return a
 
-        for node in self.graph.nodes:
+        for i, node in enumerate(self.graph.nodes):
             if node.kind == "input":
                 continue
             if hook is not None and node.kind in ("conv", "linear"):
                 hook(node, env[node.args[0].name])
             if node.kind == "flatten":
                 env[node.name] = torch.flatten(env[node.args[0].name], 1)
-                continue
-            args = _map(node.args, resolve)
-            kwargs = {k: _map(v, resolve) for k, v in node.kwargs.items()}
-            env[node.name] = node.target(*args, **kwargs)
+            else:
+                args = _map(node.args, resolve)
+                kwargs = {k: _map(v, resolve) for k, v in node.kwargs.items()}
+                env[node.name] = node.target(*args, **kwargs)
+            for name in free_after[i]:
+                env.pop(name, None)
         if self.taps:
             return env[self.graph.output_name], [env[t] for t in self.taps]
         return env[self.graph.output_name]
@@ -394,7 +405,13 @@ def load_torchscript_program(path, example: torch.Tensor) -> torch.export.Export
         with torch.no_grad():
             return TS2EPConverter(module.eval(), (example,)).convert()
     except Exception as exc:  # noqa: BLE001
-        raise ModelFileError(f"TorchScript model could not be captured: {_short(exc)}") from None
+        raise ModelFileError(
+            "torch could not convert this TorchScript model into a graph "
+            f"(torch._export.converter: {_whole(exc)}). Upload the model as a torch.export "
+            "program instead: torch.export.save(torch.export.export(model.eval(), (x,), "
+            "dynamic_shapes=({0: torch.export.Dim('batch')},)), 'model.pt2') with x a batch "
+            "of inputs, then choose the 'exported' format"
+        ) from None
 
 
 def export_module(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -409,6 +426,13 @@ def export_module(module: nn.Module, example: torch.Tensor) -> torch.export.Expo
         ) from None
 
 
+def _whole(exc: BaseException, limit: int = 600) -> str:
+    """The whole message of `exc` on one line (torch's messages span lines)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
@@ -419,6 +443,7 @@ def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Te
     nodes by running it once on `example` (a batch of normalised inputs)."""
     if isinstance(program, nn.Module):
         program = export_module(program, example)
+    fixed_batch = _fixed_batch(program)
     example = _example_for(program, example)
     gm = program.module()
     nodes: list[Node] = []
@@ -486,23 +511,83 @@ def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Te
     _prune_dead_nodes(graph)
     graph = LegoGraph(graph.nodes, tensors, input_name, output_name)
     _classify(graph, example)
+    if fixed_batch is not None:
+        _free_the_batch(graph, fixed_batch)
+        _check_any_batch(graph, example, fixed_batch)
     return graph
 
 
-def _example_for(program: torch.export.ExportedProgram, example: torch.Tensor) -> torch.Tensor:
-    """A program exported with a fixed batch size may have it baked into
-    reshapes; probe it with that batch size so they are recognised (and then
-    executed batch-independently as flattens)."""
+def _fixed_batch(program: torch.export.ExportedProgram) -> int | None:
+    """The batch size a program was exported with, if it is fixed (not dynamic)."""
     for spec in program.graph_signature.input_specs:
         if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
             node = next(n for n in program.graph.nodes if n.name == spec.arg.name)
             val = node.meta.get("val")
             batch = val.shape[0] if val is not None and val.dim() > 0 else None
-            if isinstance(batch, int) and batch != example.shape[0]:
-                reps = -(-batch // example.shape[0])
-                return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch]
-            break
+            return batch if isinstance(batch, int) else None
+    return None
+
+
+def _example_for(program: torch.export.ExportedProgram, example: torch.Tensor) -> torch.Tensor:
+    """A program exported with a fixed batch size may have it baked into
+    reshapes; probe it with that batch size so they are recognised (flattens
+    then run batch-independently, other reshapes through `batch_sized`)."""
+    batch = _fixed_batch(program)
+    if batch is not None and batch != example.shape[0]:
+        reps = -(-batch // example.shape[0])
+        return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch]
     return example
+
+
+_SIZED_TARGETS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.expand.default,
+}
+
+
+def batch_sized(x: torch.Tensor, size, like: torch.Tensor, op):
+    """`op(x, size)` with the batch size baked into size[0] replaced by the batch
+    size of `like` (the graph's input): a reshape or expand of a program exported
+    with a fixed batch, made to run at any batch."""
+    return op(x, [like.shape[0], *size[1:]])
+
+
+def _free_the_batch(graph: LegoGraph, batch: int) -> None:
+    """Rewrites the reshapes and expands whose first size is the fixed export batch
+    (and that are not flattens, which already run at any batch) to `batch_sized`."""
+    for node in graph.nodes:
+        if node.target not in _SIZED_TARGETS or node.kind == "flatten" or len(node.args) < 2:
+            continue
+        size = node.args[1]
+        if isinstance(size, (list, tuple)) and size and size[0] == batch and node.shape:
+            node.args = (node.args[0], list(size), Ref(graph.input_name), node.target)
+            node.target = batch_sized
+    graph.__post_init__()  # the input has new readers
+
+
+def _check_any_batch(graph: LegoGraph, example: torch.Tensor, batch: int) -> None:
+    """A program exported with a fixed batch must give the same logits per sample
+    at another batch size; if a size still depends on the batch, say what to do."""
+    other = example[:1] if batch > 1 else example.repeat(2, *([1] * (example.dim() - 1)))
+    advice = (
+        f"the program was exported with a fixed batch size of {batch}, and some of its "
+        "operations depend on it. Export it with a dynamic batch dimension: "
+        "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},)), "
+        "or save it with torch.jit.script / torch.jit.trace and upload the TorchScript file"
+    )
+    net = GraphNet(graph)
+    try:
+        with torch.no_grad():
+            fixed, free = net(example), net(other)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"{advice} ({_short(exc)})") from None
+    n = min(fixed.shape[0], free.shape[0])
+    if free.shape[0] != other.shape[0] or not torch.allclose(
+        fixed[:n], free[:n], rtol=1e-4, atol=1e-4
+    ):
+        raise ModelFileError(advice)
 
 
 def _inference_args(target, args: tuple) -> tuple:
@@ -656,7 +741,7 @@ def _kind_of(node: Node, graph: LegoGraph, values, param_users, batch: int) -> s
     if t in _TIE_TARGETS:
         if len(tensor_refs) == 2 and not node.params():
             a, b = (values[r] for r in tensor_refs)
-            if a.dim() == b.dim() == out.dim() and a.shape[1] == b.shape[1] == out.shape[1]:
+            if a.dim() == b.dim() == out.dim() >= 2 and a.shape[1] == b.shape[1] == out.shape[1]:
                 return "tie"
         if len(tensor_refs) == 1 and not node.params():
             return "pass"  # tensor with a Python scalar

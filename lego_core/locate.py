@@ -3,14 +3,21 @@ sums, and per-class masks from the output backwards."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lego_core.channels import backward_masks
-from lego_core.contributions import ContributionAccumulator, add_sums
+from lego_core.channels import backward_masks, is_depthwise
+from lego_core.contributions import (
+    CLASSES_KEY,
+    ContributionAccumulator,
+    add_sums,  # noqa: F401 - part of locate's shard API (shard_plan, contribution_sums, ...)
+    linear_class_sums,
+)
 from lego_core.data import normalize
 from lego_core.errors import DatasetError, LegoError
 from lego_core.files import atomic_write
@@ -142,12 +149,27 @@ def _check_data_spec(model: SourceModel, data) -> None:
         )
 
 
+# Largest activation memory that one batch of a forward pass may take (the three
+# largest values per sample, float32): inputs of 224 px get batches of a few
+# images, CIFAR/MNIST-size inputs the full SELECT_BATCH / CONTRIBUTION_BATCH.
+BATCH_ACTIVATION_BYTES = 512 << 20
+SELECT_BATCH = 256
+
+
+def forward_batch(model: SourceModel, wanted: int) -> int:
+    """`wanted`, or fewer samples when a batch's activations would exceed
+    BATCH_ACTIVATION_BYTES."""
+    sizes = sorted((math.prod(n.shape) for n in model.graph.nodes if n.shape), reverse=True)
+    per_sample = 4 * sum(sizes[:3])
+    return max(1, min(int(wanted), BATCH_ACTIVATION_BYTES // max(1, per_sample)))
+
+
 @torch.no_grad()
 def select_samples(
     model: SourceModel,
     data,
     samples_per_class: int = DEFAULT_SAMPLES_PER_CLASS,
-    batch_size: int = 256,
+    batch_size: int = SELECT_BATCH,
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[int, torch.Tensor]:
@@ -159,6 +181,7 @@ def select_samples(
     mapping = class_mapping(model, data)
     net = model.net().to(device)
     labels = mapping[data.labels]
+    batch_size = forward_batch(model, batch_size)
     scores = torch.full((len(data),), -1.0)
     n = len(data)
     for start in range(0, n, batch_size):
@@ -182,6 +205,11 @@ def select_samples(
 
 
 CONTRIBUTION_BATCH = 128
+# Memory of the contribution sums (and their per-batch parts) that one block of
+# classes may take, beyond the model and one batch of the forward pass.
+DEFAULT_MEMORY_BUDGET = 2 << 30
+# Largest piece of a linear layer's [Q, P] class sums formed at once for its mask.
+_MASK_BLOCK_BYTES = 64 << 20
 
 
 def sample_order(selected: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,17 +223,90 @@ def sample_order(selected: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch
     return idx, lab
 
 
+def located_layers(graph) -> list:
+    """The layers whose contributions decide masks: every conv and linear layer
+    except depthwise convs, which pass their output mask through unchanged."""
+    return [n for n in graph.layers() if not is_depthwise(n, graph)]
+
+
+def class_bytes(model: SourceModel) -> int:
+    """Bytes that one class adds to the contribution sums: float64 [Q, P/groups]
+    per conv layer, two float64 [P] per linear layer, plus the float32 per-batch
+    part of the largest conv layer and its float64 copy (16 bytes an entry)."""
+    conv = [
+        model.graph.tensors[n.weight_key()][:, :, 0, 0].numel()
+        for n in located_layers(model.graph)
+        if n.kind == "conv"
+    ]
+    linear = [
+        model.graph.tensors[n.weight_key()].shape[1]
+        for n in located_layers(model.graph)
+        if n.kind == "linear"
+    ]
+    return 8 * sum(conv) + 16 * sum(linear) + 16 * max(conv, default=0)
+
+
+def classes_per_block(model: SourceModel, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """How many classes' contribution sums fit in `memory_budget` bytes (at least 1)."""
+    return max(1, int(memory_budget) // max(1, class_bytes(model)))
+
+
 def shard_plan(
-    selected: dict[int, torch.Tensor], shards: int
+    selected: dict[int, torch.Tensor],
+    shards: int,
+    model: SourceModel | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Splits the selected samples into `shards` parts along whole batches of
-    the canonical order, so every sample is computed in the same batch as in
-    one pass and the summed shards equal the one-pass sums."""
+    """Splits the selected samples into parts of whole classes, in the canonical
+    order: `shards` parts, or more when `model` is given and one part's classes
+    would not fit `memory_budget` (see `classes_per_block`). A class's sums never
+    depend on the other samples of its batch (see `class_batches`), so the parts'
+    sums, added, equal the sums of one pass, and each part's masks can be computed
+    and its sums dropped before the next part."""
     idx, lab = sample_order(selected)
-    n_batches = max(1, -(-idx.numel() // CONTRIBUTION_BATCH))
-    shards = max(1, min(int(shards), n_batches))
-    bounds = [round(k * n_batches / shards) * CONTRIBUTION_BATCH for k in range(shards + 1)]
-    return [(idx[a:b], lab[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    classes = sorted(selected)
+    if not classes:
+        return []
+    parts = max(1, int(shards))
+    if model is not None:
+        parts = max(parts, -(-len(classes) // classes_per_block(model, memory_budget)))
+    parts = min(parts, len(classes))
+    counts = [selected[c].numel() for c in classes]
+    starts = [0, *itertools.accumulate(counts)]
+    cuts = [round(k * len(classes) / parts) for k in range(parts + 1)]
+    return [
+        (idx[starts[a] : starts[b]], lab[starts[a] : starts[b]])
+        for a, b in itertools.pairwise(cuts)
+        if b > a
+    ]
+
+
+def class_batches(labels: torch.Tensor, batch: int = CONTRIBUTION_BATCH) -> list[tuple[int, int]]:
+    """[start, stop) batches over samples in class order: whole classes packed up to
+    `batch` samples; a class of more than `batch` samples is cut every `batch`
+    samples from its own start. So where a class's samples are cut never depends on
+    the other classes, and its sums are the same in any shard or block."""
+    out: list[tuple[int, int]] = []
+    n = labels.numel()
+    if n == 0:
+        return out
+    change = torch.nonzero(labels[1:] != labels[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), n]
+    open_start = None
+    for a, b in itertools.pairwise(bounds):
+        while b - a > batch:
+            if open_start is not None:
+                out.append((open_start, a))
+                open_start = None
+            out.append((a, a + batch))
+            a += batch
+        if open_start is not None and b - open_start > batch:
+            out.append((open_start, a))
+            open_start = None
+        if open_start is None:
+            open_start = a
+    out.append((open_start, n))
+    return out
 
 
 @torch.no_grad()
@@ -217,29 +318,43 @@ def contribution_sums(
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """MDA section 2: R_c[l] = sum over class c's samples of the clamped
-    relative contributions, for every located layer l. `indices` are dataset
-    rows, `labels` their model class indices. Returns {layer: [num_model_classes,
-    Q, P / groups] float64}; additive over samples."""
+    """MDA section 2: the per-class sums from which R_c[l] (the sum over class c's
+    samples of the clamped relative contributions) follows for every located
+    layer l. `indices` are dataset rows, `labels` their model class indices, in
+    class order (as `shard_plan` gives them). Memory grows with the number of
+    classes in `labels`: split with `shard_plan(..., model=model)` to bound it.
+
+    Returns a dict of CPU tensors, additive over samples (`add_sums`) and safe for
+    torch.save / torch.load(weights_only=True): "#classes" the model classes of
+    the rows; per conv layer [classes, Q, P / groups] float64; per linear layer
+    "LAYER#pos" and "LAYER#neg", [classes, P] float64 sums of the input's positive
+    and negative parts (see `ContributionAccumulator`)."""
     _check_data_spec(model, data)
+    if labels.numel() > 1 and not bool((labels[1:] >= labels[:-1]).all()):
+        labels, order = torch.sort(labels, stable=True)
+        indices = indices[order]
     net = model.net().to(device)
-    acc = ContributionAccumulator(len(model.class_names))
+    acc = ContributionAccumulator(torch.unique(labels))
+    layers = {n.layer for n in located_layers(model.graph)}
     weights = {
-        n.layer: model.graph.tensors[n.weight_key()].to(device) for n in model.graph.layers()
+        n.layer: model.graph.tensors[n.weight_key()].to(device)
+        for n in model.graph.layers()
+        if n.layer in layers
     }
 
     def hook(node, x):
-        acc.add(node, x, weights[node.layer])
+        if node.layer in layers:
+            acc.add(node, x, weights[node.layer])
 
     net.hook = hook
     n = indices.numel()
-    for start in range(0, n, CONTRIBUTION_BATCH):
-        acc.labels = labels[start : start + CONTRIBUTION_BATCH].to(device)
-        batch = data.images[indices[start : start + CONTRIBUTION_BATCH]].to(device)
+    for start, stop in class_batches(labels, forward_batch(model, CONTRIBUTION_BATCH)):
+        acc.set_batch(labels[start:stop].to(device))
+        batch = data.images[indices[start:stop]].to(device)
         net(normalize(batch, model.spec))
         if progress:
-            progress(min(n, start + CONTRIBUTION_BATCH) / n, "computing contributions")
-    return {layer: r.cpu() for layer, r in acc.sums.items()}
+            progress(stop / n, "computing contributions")
+    return acc.result()
 
 
 def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -250,37 +365,92 @@ def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(span > 0, (x - lo) / (span + _EPS), (x > 0).to(x.dtype))
 
 
+def _relevance_counts(rows, q: int, pg: int, out_mask, alpha: float, groups: int, step: int):
+    """t_p of MDA section 3: for each input p, the number of relevant outputs for
+    which p is relevant. `rows(index)` gives the [len(index), P / groups] sums of
+    those output rows; only relevant rows are asked for, `step` at a time."""
+    relevant = torch.nonzero(out_mask).flatten()
+    t = torch.zeros(groups, pg, dtype=torch.float64)
+    qg = q // groups
+    for i in range(0, relevant.numel(), step):
+        index = relevant[i : i + step]
+        r_hat = (_minmax(rows(index), 1) > alpha).to(torch.float64)
+        t.index_add_(0, torch.div(index, qg, rounding_mode="floor"), r_hat)
+    return t.reshape(groups * pg)
+
+
 def mda_layer_rule(
     r_sum: torch.Tensor, out_mask: torch.Tensor, alpha: float, beta: float, groups: int
 ):
     """MDA section 3 for one layer: which inputs matter, given relevant outputs.
 
-    r_sum: [Q, P / groups] contributions. Row-wise min-max over the inputs each
-    output sees, r_hat = r > alpha, t_p = number of relevant outputs for which
-    p is relevant, min-max over p, input mask = t > beta (strict, as the
-    reference code)."""
+    r_sum: [Q, P / groups] contributions (or a function of output row indices
+    giving those rows, with `shape`). Row-wise min-max over the inputs each output
+    sees, r_hat = r > alpha, t_p = number of relevant outputs for which p is
+    relevant, min-max over p, input mask = t > beta (strict, as the reference
+    code)."""
     q, pg = r_sum.shape
-    r_hat = (_minmax(r_sum, 1) > alpha).to(torch.float64) * out_mask[:, None].to(torch.float64)
-    if groups == 1:
-        t = r_hat.sum(0)
-    else:
-        t = r_hat.view(groups, q // groups, pg).sum(1).reshape(groups * pg)
     if not bool(out_mask.any()):
-        return torch.zeros_like(t, dtype=torch.bool)
+        return torch.zeros(groups * pg, dtype=torch.bool)
+    if isinstance(r_sum, torch.Tensor):
+        rows, step = r_sum.__getitem__, q
+    else:
+        rows, step = r_sum, max(1, _MASK_BLOCK_BYTES // (8 * pg))
+    t = _relevance_counts(rows, q, pg, out_mask, alpha, groups, step)
     return _minmax(t[None], 1)[0] > beta
+
+
+class _LinearSums:
+    """A linear layer's [Q, P] class sums, formed a block of rows at a time."""
+
+    def __init__(self, sums, layer: str, row: int, weight: torch.Tensor):
+        self.sums, self.layer, self.row, self.weight = sums, layer, row, weight
+        self.shape = tuple(weight.shape)
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        return linear_class_sums(self.sums, self.layer, self.row, self.weight, index)
+
+
+def _row(sums: dict[str, torch.Tensor], c: int) -> int:
+    rows = sums.get(CLASSES_KEY)
+    if rows is None:  # dense sums: row = class
+        return c
+    row = int(torch.searchsorted(rows, c))
+    if row >= rows.numel() or int(rows[row]) != c:
+        raise LegoError(f"the contribution sums have no samples of class {c}")
+    return row
+
+
+def layer_sums(model: SourceModel, sums: dict[str, torch.Tensor], c: int, layer: str):
+    """The [Q, P / groups] clamped-contribution sums R_c of one layer for class c
+    (a linear layer's are formed from its sums of x+ and x-)."""
+    row = _row(sums, c)
+    if layer in sums:
+        return sums[layer][row]
+    node = next(n for n in model.graph.layers() if n.layer == layer)
+    weight = model.graph.tensors[node.weight_key()]
+    return linear_class_sums(sums, layer, row, weight)
 
 
 def masks_from_sums(
     model: SourceModel, sums: dict[str, torch.Tensor], classes: list[int], alpha: dict, beta: dict
 ) -> dict[int, dict[str, torch.Tensor]]:
+    """The masks of `classes` from `contribution_sums` (or `add_sums` of several).
+    Also takes dense sums {layer: [num_model_classes, Q, P / groups]} (row = class)."""
     graph = model.graph
     out: dict[int, dict[str, torch.Tensor]] = {}
     for c in classes:
+        row = _row(sums, c)
 
-        def rule(node, m, c=c):
+        def rule(node, m, row=row):
             kind = "conv" if node.kind == "conv" else "linear"
             groups = node.conv_options()[3] if node.kind == "conv" else 1
-            return mda_layer_rule(sums[node.layer][c], m, alpha[kind], beta[kind], groups)
+            if node.layer in sums:
+                r = sums[node.layer][row]
+            else:
+                weight = graph.tensors[node.weight_key()]
+                r = _LinearSums(sums, node.layer, row, weight)
+            return mda_layer_rule(r, m, alpha[kind], beta[kind], groups)
 
         one_hot = torch.zeros(graph.num_outputs, dtype=torch.bool)
         one_hot[c] = True
@@ -302,39 +472,43 @@ def locate(
     beta: float | dict | None = None,
     shards: int = 1,
     progress: Progress | None = None,
-    with_stats: bool = True,
     device: str | torch.device = "cpu",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Components:
     """Locates the component of every model class that the dataset has.
 
-    `shards` > 1 computes the contribution sums over that many disjoint parts
-    of the selected samples and adds them, as distributed workers would.
-    `device` runs the forward passes there (e.g. "cuda"); results are on the CPU."""
+    The selected samples are processed in parts of whole classes (`shard_plan`):
+    at least `shards` parts, as distributed workers would compute them, and more
+    when the contribution sums of all classes would exceed `memory_budget` bytes
+    (beyond the model and one batch). Each part's masks are computed and its sums
+    dropped before the next. `device` runs the forward passes there (e.g.
+    "cuda"); results are on the CPU. Per-class statistics (params, FLOPs) are the
+    caller's: `lego_core.evaluate.component_stats`."""
     alpha_d = _per_kind(alpha, DEFAULT_ALPHA, "alpha")
     beta_d = _per_kind(beta, DEFAULT_BETA, "beta")
     report = progress or (lambda f, m: None)
     selected = select_samples(
         model, data, samples_per_class, progress=lambda f, m: report(0.5 * f, m), device=device
     )
-    sums: dict[str, torch.Tensor] = {}
-    plan = shard_plan(selected, shards)
+    masks: dict[int, dict[str, torch.Tensor]] = {}
+    plan = shard_plan(selected, shards, model, memory_budget)
     for k, (idx, lab) in enumerate(plan):
         part = contribution_sums(
             model,
             data,
             idx,
             lab,
-            progress=lambda f, m, k=k: report(0.5 + 0.35 * (k + f) / len(plan), m),
+            progress=lambda f, m, k=k: report(0.5 + 0.5 * (k + 0.9 * f) / len(plan), m),
             device=device,
         )
-        sums = add_sums(sums, part)
-    classes = sorted(selected)
-    report(0.85, "locating masks")
-    masks = masks_from_sums(model, sums, classes, alpha_d, beta_d)
+        report(0.5 + 0.5 * (k + 0.9) / len(plan), "locating masks")
+        masks.update(masks_from_sums(model, part, part[CLASSES_KEY].tolist(), alpha_d, beta_d))
+        del part
+    report(1.0, "locating masks")
     components = Components(
         class_names=list(model.class_names),
         layers=[n.layer for n in model.graph.layers()],
-        masks=masks,
+        masks=dict(sorted(masks.items())),
         selected=selected,
         parameters={"samples_per_class": samples_per_class, "alpha": alpha_d, "beta": beta_d},
         dataset={
@@ -343,13 +517,5 @@ def locate(
             "class_names": list(data.class_names),
         },
     )
-    if with_stats:
-        from lego_core.disassemble import disassemble
-        from lego_core.evaluate import count_flops
-
-        for i, c in enumerate(classes):
-            comp = disassemble(model, components, [c])
-            components.stats[c] = {"params": comp.graph.param_count(), "flops": count_flops(comp)}
-            report(0.85 + 0.15 * (i + 1) / len(classes), "measuring components")
     report(1.0, "done")
     return components

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,7 +41,7 @@ def halves(lenet_halves):
         model = source_from_module(
             module, MNIST_SPEC, data.class_names, "lenet", f"lenet-{task[0]}"
         )
-        parts.append(Part(model, locate(model, data, with_stats=False), task, data, model.name))
+        parts.append(Part(model, locate(model, data), task, data, model.name))
     return parts
 
 
@@ -144,7 +145,7 @@ def test_branches_cost_is_the_sum_of_the_components():
         parts.append(
             Part(
                 model,
-                locate(model, data, samples_per_class=8, with_stats=False),
+                locate(model, data, samples_per_class=8),
                 names[:2],
                 data,
                 model.name,
@@ -172,7 +173,7 @@ def test_assembly_across_architectures_and_input_specs(halves):
     module = build_model("plain_cnn", 3, CIFAR10_SPEC).eval()
     rgb = source_from_module(module, CIFAR10_SPEC, names, "plain_cnn", "rgb")
     data = _random_data(names, torch.Generator().manual_seed(1))
-    rgb_part = Part(rgb, locate(rgb, data, samples_per_class=8, with_stats=False), ["dog"], data)
+    rgb_part = Part(rgb, locate(rgb, data, samples_per_class=8), ["dog"], data)
     assembled = assemble([halves[0], rgb_part], scaling="reference")
     assert assembled.spec.shape == (3, 32, 32)
     assert assembled.class_names == ["0", "1", "2", "dog"]
@@ -283,7 +284,7 @@ def unseen_architecture_halves(data_dir):
         torch.manual_seed(seed)
         module = train(ResidualConcatNet(5), data, MNIST_SPEC, epochs=1, seed=seed, progress=False)
         model = source_from_module(module, MNIST_SPEC, data.class_names, "rescat", f"rc-{task[0]}")
-        parts.append(Part(model, locate(model, data, with_stats=False), task, data, model.name))
+        parts.append(Part(model, locate(model, data), task, data, model.name))
     return parts
 
 
@@ -293,3 +294,32 @@ def test_two_part_mnist_assembly_of_an_unseen_architecture(unseen_architecture_h
     assembled = assemble(unseen_architecture_halves)
     acc = accuracy_on(assembled.module, six_digits, assembled.class_names, None)["accuracy"]
     assert acc >= base - 1.0, (acc, base)
+
+
+def test_padded_equals_branches_with_mean_compensation_in_either_order():
+    """Components of bias-free residual convs: mean compensation gives each its own
+    new biases, which the padded form must keep per component."""
+    parts = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        module = build_model("resnet_small", 3, CIFAR10_SPEC).eval()
+        names = [f"r{seed}c{i}" for i in range(3)]
+        model = source_from_module(module, CIFAR10_SPEC, names, "resnet_small", f"r{seed}")
+        data = _random_data(names, torch.Generator().manual_seed(seed))
+        comps = locate(model, data, samples_per_class=8, alpha=0.5, beta=0.4)
+        if seed == 0:  # keeps every channel: no compensation, no new biases
+            masks = {
+                c: {k: torch.ones_like(m) for k, m in ms.items()} for c, ms in comps.masks.items()
+            }
+            comps = dataclasses.replace(comps, masks=masks)
+        parts.append(Part(model, comps, names[:2], data, model.name))
+    x = parts[0].data.images[:16].float() / 255
+    for order in (parts, parts[::-1]):
+        branches = assemble(order, scaling="none", form="branches")
+        padded = assemble(order, scaling="none", form="padded")
+        added = [
+            any(k.endswith("lego_mean_bias") for k in c.graph.tensors) for c in branches.components
+        ]
+        assert added == ([False, True] if order is parts else [True, False])
+        with torch.no_grad():
+            assert torch.allclose(branches(x), padded(x), rtol=1e-4, atol=1e-4)

@@ -95,21 +95,37 @@ def test_fast_linear_contributions_equal_the_oracle():
     assert torch.allclose(linear_contributions(x, w), slow, atol=1e-6)
 
 
-def test_non_negative_linear_shortcut_equals_per_sample_sum():
-    """For inputs after a ReLU, sum_b max(w a_b, 0) = max(w, 0) * sum_b a_b."""
-    from lego_core.contributions import ContributionAccumulator
+@pytest.mark.parametrize("relu", [True, False])
+def test_linear_sums_of_signed_parts_equal_per_sample_sums(relu):
+    """sum_b max(w a_b, 0) = w+ * sum_b a_b+ + w- * sum_b a_b-, with or without a ReLU."""
+    from lego_core.contributions import ContributionAccumulator, linear_class_sums
     from lego_core.graph import Node, Param, Ref
 
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(6, 5, generator=g).relu(), torch.randn(3, 5, generator=g)
-    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    x, w = torch.randn(6, 5, generator=g), torch.randn(3, 5, generator=g)
+    x = x.relu() if relu else x
+    labels = torch.tensor([4, 7, 4, 7, 7, 4])
     node = Node("fc", "linear", None, (Ref("x"), Param("fc.weight")), layer="fc")
-    acc = ContributionAccumulator(2)
-    acc.labels = labels
+    acc = ContributionAccumulator([7, 4])
+    acc.set_batch(labels)
     acc.add(node, x, w)
+    sums = acc.result()
+    assert sums["#classes"].tolist() == [4, 7]
+    assert sums["fc#pos"].shape == (2, 5)  # [classes, inputs], never [classes, Q, P]
     per_sample = linear_contributions(x, w).double()
-    expected = torch.stack([per_sample[labels == c].sum(0) for c in range(2)])
-    assert torch.allclose(acc.sums["fc"], expected, atol=1e-9)
+    for row, c in enumerate([4, 7]):
+        expected = per_sample[labels == c].sum(0)
+        assert torch.allclose(linear_class_sums(sums, "fc", row, w), expected, atol=1e-6)
+
+
+def test_add_sums_merges_classes_and_adds_shared_ones():
+    from lego_core.contributions import add_sums
+
+    a = {"#classes": torch.tensor([1, 3]), "l": torch.tensor([[1.0], [3.0]])}
+    b = {"#classes": torch.tensor([0, 3]), "l": torch.tensor([[5.0], [7.0]])}
+    both = add_sums(a, b)
+    assert both["#classes"].tolist() == [0, 1, 3]
+    assert both["l"].flatten().tolist() == [5.0, 1.0, 10.0]
 
 
 @pytest.mark.parametrize("groups", [1, 2, 6])

@@ -15,6 +15,7 @@ from lego_core import (
     UnknownClassError,
     accuracy_on,
     build_model,
+    component_stats,
     disassemble,
     load_source_model,
     locate,
@@ -151,7 +152,9 @@ def test_bad_files_and_classes_give_one_line_errors(tmp_path):
 @pytest.fixture(scope="module")
 def located_lenet(lenet_mnist, mnist_train):
     model = source_from_module(lenet_mnist, MNIST_SPEC, DIGITS, "lenet", "lenet-mnist")
-    return model, locate(model, mnist_train)
+    components = locate(model, mnist_train)
+    components.stats = component_stats(model, components)
+    return model, components
 
 
 def _task_images(data, task):
@@ -191,8 +194,8 @@ def test_summary_reports_channels_params_and_flops(located_lenet):
 
 def test_four_shards_give_the_same_masks_as_one_pass(lenet_mnist, mnist_train):
     model = source_from_module(lenet_mnist, MNIST_SPEC, DIGITS, "lenet")
-    one = locate(model, mnist_train, with_stats=False)
-    four = locate(model, mnist_train, shards=4, with_stats=False)
+    one = locate(model, mnist_train)
+    four = locate(model, mnist_train, shards=4)
     assert one.layers == four.layers
     for c in one.masks:
         for layer in one.layers:
@@ -210,8 +213,8 @@ def test_components_round_trip_through_a_file(located_lenet, tmp_path):
 
 def test_stricter_thresholds_give_smaller_components(lenet_mnist, mnist_train):
     model = source_from_module(lenet_mnist, MNIST_SPEC, DIGITS, "lenet")
-    loose = locate(model, mnist_train, alpha=0.1, beta=0.1, with_stats=False)
-    strict = locate(model, mnist_train, alpha=0.6, beta=0.5, with_stats=False)
+    loose = locate(model, mnist_train, alpha=0.1, beta=0.1)
+    strict = locate(model, mnist_train, alpha=0.6, beta=0.5)
     small = disassemble(model, strict, [0, 1, 2]).graph.param_count()
     large = disassemble(model, loose, [0, 1, 2]).graph.param_count()
     assert small < large

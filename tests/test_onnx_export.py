@@ -24,7 +24,7 @@ def parts(lenet_halves):
     out = []
     for (module, data), task in zip(lenet_halves, TASKS, strict=True):
         model = capture(module, MNIST_SPEC, data.class_names, "lenet", f"lenet-{task[0]}")
-        out.append(Part(model, locate(model, data, with_stats=False), task, data, model.name))
+        out.append(Part(model, locate(model, data), task, data, model.name))
     return out
 
 

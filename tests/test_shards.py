@@ -82,7 +82,7 @@ def test_sharded_locate_from_stored_shard_results_equals_one_pass(setup, tmp_pat
         sums = add_sums(sums, load_shard(tmp_path / f"sums-{k}.pt"))
     masks = masks_from_sums(model, sums, sorted(selected), DEFAULT_ALPHA, DEFAULT_BETA)
 
-    one = locate(model, data, samples_per_class=N, with_stats=False)
+    one = locate(model, data, samples_per_class=N)
     assert masks.keys() == one.masks.keys()
     for c in one.masks:
         assert torch.equal(one.selected[c], selected[c])

@@ -68,7 +68,7 @@ def located_data(ctx: JobContext, m: Model, ds: Dataset, spec):
 
 
 def locate_job(ctx: JobContext) -> Result:
-    from lego_core import Components, locate
+    from lego_core import Components, component_stats, locate
 
     p = ctx.payload
     parameters = {
@@ -104,7 +104,8 @@ def locate_job(ctx: JobContext) -> Result:
     if shards > 1:  # Celery: the job's shards go to every worker (worker/shards.py)
         comps = locate_sharded(ctx, source, data, shards)
     else:
-        comps = locate(source, data, progress=ctx.sub(0.1, 0.95), device=ctx.device, **kwargs)
+        comps = locate(source, data, progress=ctx.sub(0.1, 0.85), device=ctx.device, **kwargs)
+        comps.stats = component_stats(source, comps, progress=ctx.sub(0.85, 0.95))
     ctx.progress(0.96, "saving components")
     with ctx.storage.temp_path(".pt") as t:
         comps.save(t)

@@ -129,7 +129,7 @@ def test_locate_split_over_two_workers_equals_one_pass(tmp_path, shared_data, tr
 
     model = load_source_model(trained_lenets.low, "lenet", list("01234"), MNIST_SPEC)
     data = load_image_folder(archive, MNIST_SPEC, classes=list("01234"))
-    one = locate(model, data, samples_per_class=60, with_stats=False)
+    one = locate(model, data, samples_per_class=60)
     assert sharded.selected.keys() == one.selected.keys()
     for c in one.masks:
         assert torch.equal(sharded.selected[c], one.selected[c]), c
