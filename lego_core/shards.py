@@ -9,8 +9,8 @@ selected samples, masks from the sums. Split across workers:
    per class with their scores; `merge_selections` keeps the best of all candidates,
    ordered as one pass orders them (score, then row). The global top N of a class
    is among the shards' top Ns, so the merge equals `select_samples`.
-2. contributions: `lego_core.locate.shard_plan` splits the selected samples along
-   whole batches; `contribution_sums` per shard; `add_sums` adds them (float64 sums of
+2. contributions: `lego_core.locate.shard_plan` splits the selected samples on
+   whole classes; `contribution_sums` per shard; `add_sums` adds them (float64 sums of
    float32 batches: the order of the shards does not change the result).
 3. masks: `masks_from_sums`, once, on the merged sums.
 
