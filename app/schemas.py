@@ -65,6 +65,17 @@ class AssemblyIn(BaseModel):
     options: OptionsIn = Field(default_factory=OptionsIn)
 
 
+class AliasesIn(BaseModel):
+    """PATCH body of a model or assembly version: the aliases that name it from now on
+    (each moves here from whichever version of the same name had it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aliases: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")]] = Field(
+        max_length=50, examples=[["champion"]]
+    )
+
+
 class PredictIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -154,6 +165,8 @@ class ComponentSetBrief(BaseModel):
 class ModelOut(BaseModel):
     id: int
     name: str
+    version: int = Field(description="1 for the first registration of its name, then 2, 3, ...")
+    aliases: list[str] = Field([], description="aliases naming this version (`name@alias`)")
     arch: str
     class_names: list[str]
     input_spec: dict[str, Any]
@@ -162,12 +175,22 @@ class ModelOut(BaseModel):
     created_at: datetime
     component_sets: list[ComponentSetBrief] = []
     locate_job_id: int | None = None
+    used_by: list[int] = Field([], description="ids of the assemblies built from this model")
 
     @classmethod
-    def of(cls, m: Model, locate_job_id: int | None = None) -> ModelOut:
+    def of(
+        cls,
+        m: Model,
+        locate_job_id: int | None = None,
+        aliases: list[str] | None = None,
+        used_by: list[int] | None = None,
+    ) -> ModelOut:
         return cls(
             id=m.id,
             name=m.name,
+            version=m.version,
+            aliases=aliases or [],
+            used_by=used_by or [],
             arch=m.arch,
             class_names=list(m.class_names),
             input_spec=m.input_spec,
@@ -267,19 +290,38 @@ class ComponentsOut(BaseModel):
 
 class SourceOut(BaseModel):
     model_id: int
+    model_name: str | None = Field(description="the source model's name when assembled")
+    model_version: int | None
+    model_arch: str | None
+    weights_sha256: str | None = Field(description="sha256 of the source weights used")
     classes: list[str]
     class_indices: list[int]
     component_set_id: int | None
 
 
+class AssemblyClass(BaseModel):
+    """One output class of an assembly and where it comes from."""
+
+    index: int = Field(description="position in the assembled model's output")
+    name: str
+    source_model_id: int | None
+    source_model_name: str | None
+    source_model_version: int | None = None
+    source_weights_sha256: str | None = None
+    source_class: str | None
+    source_class_index: int | None
+
+
 class AssemblyOut(BaseModel):
     id: int
     name: str
+    version: int = Field(description="1 for the first assembly of its name, then 2, 3, ...")
+    aliases: list[str] = []
     status: str
     progress: float
     error: str | None
     job_id: int | None
-    classes: list[dict[str, Any]]
+    classes: list[AssemblyClass]
     sources: list[SourceOut]
     options: dict[str, Any]
     eval_dataset_ids: list[int]
@@ -290,12 +332,14 @@ class AssemblyOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, a: Assembly) -> AssemblyOut:
+    def of(cls, a: Assembly, aliases: list[str] | None = None) -> AssemblyOut:
         j = a.job
         status = j.status if j else "failed"
         return cls(
             id=a.id,
             name=a.name,
+            version=a.version,
+            aliases=aliases or [],
             status=status,
             progress=j.progress if j else 0.0,
             error=j.error if j else "its job was removed",
@@ -304,6 +348,10 @@ class AssemblyOut(BaseModel):
             sources=[
                 SourceOut(
                     model_id=s.model_id,
+                    model_name=s.model_name,
+                    model_version=s.model_version,
+                    model_arch=s.model_arch,
+                    weights_sha256=s.weights_sha256,
                     classes=s.class_names,
                     class_indices=s.class_indices,
                     component_set_id=s.component_set_id,

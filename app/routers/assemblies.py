@@ -16,6 +16,8 @@ from app import adapters
 from app.auth import bearer_key, current_owner, hash_key, invalid_key
 from app.catalog import (
     ACTIVE_STATES,
+    JOB_STATES,
+    MAX_ID,
     ApiKey,
     Assembly,
     AssemblySource,
@@ -25,8 +27,23 @@ from app.catalog import (
     Model,
 )
 from app.predict import Batcher, b64decode_image, decode_image, predict
-from app.routers.common import PathId, drop_artifacts, owned, resolve_classes, unprocessable
-from app.schemas import AssemblyIn, AssemblyOut, PredictIn, PredictOut
+from app.routers.common import (
+    Limit,
+    Offset,
+    PathRef,
+    aliases_of,
+    check_name,
+    drop_aliases,
+    drop_artifacts,
+    next_version,
+    owned,
+    page,
+    resolve,
+    resolve_classes,
+    set_aliases,
+    unprocessable,
+)
+from app.schemas import AliasesIn, AssemblyIn, AssemblyOut, PredictIn, PredictOut
 from app.services import Services, services
 from worker.runtime import create_job
 from worker.tasks import locate_jobs_for, no_components_reason
@@ -52,8 +69,10 @@ def check_options(body: AssemblyIn) -> dict:
 
 
 @router.post("/assemblies", status_code=202, response_model=AssemblyOut)
-def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc):
+def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc, response: Response):
     opts = check_options(body)
+    if body.name is not None:
+        check_name(body.name)
     with svc.catalog.session() as s:
         planned, rows, seen = [], [], set()
         for n, src in enumerate(body.source_classes):
@@ -78,6 +97,10 @@ def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc):
                 AssemblySource(
                     position=n,
                     model_id=m.id,
+                    model_name=m.name,
+                    model_version=m.version,
+                    model_arch=m.arch,
+                    weights_sha256=m.weights_sha256,
                     class_indices=indices,
                     class_names=names,
                     component_set_id=src.component_set_id,
@@ -89,6 +112,8 @@ def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc):
                     "name": c,
                     "source_model_id": m.id,
                     "source_model_name": m.name,
+                    "source_model_version": m.version,
+                    "source_weights_sha256": m.weights_sha256,
                     "source_class": c,
                     "source_class_index": i,
                 }
@@ -97,11 +122,15 @@ def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc):
         for ds_id in body.eval_dataset_ids:
             owned(s, Dataset, ds_id, owner, "dataset")
         name = (
-            body.name or " + ".join(f"{r.model_id}:{','.join(r.class_names)}" for r in rows)[:200]
+            body.name
+            or re.sub(
+                r"[/@]", "_", " + ".join(f"{r.model_name}:{','.join(r.class_names)}" for r in rows)
+            )[:200]
         )
         a = Assembly(
             owner=owner,
             name=name,
+            version=next_version(s, Assembly, owner, name),
             options=opts,
             eval_dataset_ids=list(body.eval_dataset_ids),
             classes=planned,
@@ -114,39 +143,48 @@ def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc):
         s.flush()
         out = AssemblyOut.of(a)
     svc.dispatch(out.job_id)
+    response.headers["Location"] = f"/api/v1/assemblies/{out.id}"
     return out
 
 
+def assemblies_out(s, owner: str, rows: list[Assembly]) -> list[AssemblyOut]:
+    aliases = aliases_of(s, "assembly", owner, [a.id for a in rows])
+    return [AssemblyOut.of(a, aliases[a.id]) for a in rows]
+
+
 @router.get("/assemblies", response_model=list[AssemblyOut])
-def list_assemblies(owner: Owner, svc: Svc):
+def list_assemblies(
+    owner: Owner,
+    svc: Svc,
+    request: Request,
+    response: Response,
+    limit: Limit = 100,
+    offset: Offset = 0,
+    name: Annotated[str | None, Query(max_length=200, description="only this name")] = None,
+    status: Annotated[
+        str | None, Query(pattern="^(" + "|".join(JOB_STATES) + ")$", description="job status")
+    ] = None,
+    model_id: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="only those built from this model")
+    ] = None,
+):
+    q = select(Assembly).where(Assembly.owner == owner).order_by(Assembly.id)
+    if name is not None:
+        q = q.where(Assembly.name == name)
+    if status is not None:
+        q = q.outerjoin(Job, Job.id == Assembly.job_id).where(Job.status == status)
+    if model_id is not None:
+        used = select(AssemblySource.assembly_id).where(AssemblySource.model_id == model_id)
+        q = q.where(Assembly.id.in_(used))
     with svc.catalog.session() as s:
-        rows = s.scalars(select(Assembly).where(Assembly.owner == owner).order_by(Assembly.id))
-        return [AssemblyOut.of(a) for a in rows]
+        return assemblies_out(s, owner, page(s, q, request, response, limit, offset))
 
 
-@router.get("/assemblies/{assembly_id}", response_model=AssemblyOut)
-def get_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
+def finished_artifact(svc: Services, owner: str, ref: str) -> tuple[int, str, str]:
     with svc.catalog.session() as s:
-        return AssemblyOut.of(owned(s, Assembly, assembly_id, owner, "assembly"))
-
-
-@router.delete("/assemblies/{assembly_id}", status_code=204)
-def delete_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
-    with svc.catalog.session() as s:
-        a = owned(s, Assembly, assembly_id, owner, "assembly")
-        if a.job is not None and a.job.status in ACTIVE_STATES:
-            raise HTTPException(409, f"assembly {a.id} is {a.job.status}; wait until it ends")
-        sha = a.artifact_sha256
-        s.delete(a)
-        s.flush()
-        drop_artifacts(s, svc.storage, {sha} if sha else set())
-    return Response(status_code=204)
-
-
-def finished_artifact(svc: Services, owner: str, assembly_id: int) -> tuple[str, str]:
-    with svc.catalog.session() as s:
-        a = owned(s, Assembly, assembly_id, owner, "assembly")
-        return check_finished(a.id, a.job.status if a.job else None, a.artifact_sha256), a.name
+        a = resolve(s, Assembly, ref, owner, "assembly")
+        sha = check_finished(a.id, a.job.status if a.job else None, a.artifact_sha256)
+        return a.id, sha, a.name
 
 
 def check_finished(assembly_id: int, status: str | None, sha: str | None) -> str:
@@ -167,9 +205,20 @@ PREDICT_LOOKUP = (
 )
 
 
-def predict_artifact(svc: Services, key: str, assembly_id: int) -> str:
-    """The artifact to predict with, from one query: predict is the hot path.
+def predict_artifact(svc: Services, key: str, ref: str) -> str:
+    """The artifact to predict with, from one query for an id: predict is the hot path.
     Same answers as current_owner + finished_artifact: 401, 404, 409."""
+    if not (ref.isascii() and ref.isdigit() and 1 <= int(ref) <= MAX_ID):
+        with svc.catalog.session() as s:
+            owner = s.scalar(
+                select(ApiKey.owner).where(
+                    ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
+                )
+            )
+            if owner is None:
+                raise invalid_key()
+            return finished_artifact(svc, owner, ref)[1]
+    assembly_id = int(ref)
     with svc.catalog.session() as s:
         params = {"assembly_id": assembly_id, "key_hash": hash_key(key)}
         row = s.execute(PREDICT_LOOKUP, params).first()
@@ -182,12 +231,12 @@ def predict_artifact(svc: Services, key: str, assembly_id: int) -> str:
 
 
 @router.get(
-    "/assemblies/{assembly_id}/download",
+    "/assemblies/{ref:path}/download",
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download_assembly(assembly_id: PathId, owner: Owner, svc: Svc):
-    sha, name = finished_artifact(svc, owner, assembly_id)
+def download_assembly(ref: PathRef, owner: Owner, svc: Svc):
+    assembly_id, sha, name = finished_artifact(svc, owner, ref)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "assembly"
     return FileResponse(
         svc.storage.require(sha),
@@ -217,16 +266,16 @@ def run_predict(svc: Services, sha: str, blobs: list[bytes], top_k: int) -> Pred
     return PredictOut(predictions=predict(model, tensors, top_k))
 
 
-@router.get("/assemblies/{assembly_id}/predict", response_model=PredictOut)
+@router.get("/assemblies/{ref:path}/predict", response_model=PredictOut)
 async def predict_get(
-    assembly_id: PathId,
+    ref: PathRef,
     key: Key,
     svc: Svc,
     image: Annotated[str, Query(description="base64url PNG or JPEG")],
     top_k: TopK = 3,
 ):
     def lookup_and_predict() -> PredictOut:  # one thread-pool hop for the whole request
-        sha = predict_artifact(svc, key, assembly_id)
+        sha = predict_artifact(svc, key, ref)
         return run_predict(svc, sha, [b64decode_image(image)], top_k)
 
     return await run_in_threadpool(lookup_and_predict)
@@ -252,11 +301,9 @@ PREDICT_BODY = {
 
 
 @router.post(
-    "/assemblies/{assembly_id}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
+    "/assemblies/{ref:path}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
 )
-async def predict_post(
-    assembly_id: PathId, request: Request, key: Key, svc: Svc, top_k: TopK = 3
-):
+async def predict_post(ref: PathRef, request: Request, key: Key, svc: Svc, top_k: TopK = 3):
     # The body is read first (its size is bounded by BodyLimitMiddleware), so that the
     # key check, the lookup, decoding and the model call take one thread-pool hop.
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -287,6 +334,39 @@ async def predict_post(
         )
 
     def lookup_and_predict() -> PredictOut:
-        return run_predict(svc, predict_artifact(svc, key, assembly_id), blobs, top_k)
+        return run_predict(svc, predict_artifact(svc, key, ref), blobs, top_k)
 
     return await run_in_threadpool(lookup_and_predict)
+
+
+# The routes below take the whole rest of the path as the assembly's reference (it may
+# be `name/version`), so they come after the routes with a suffix.
+
+
+@router.get("/assemblies/{ref:path}", response_model=AssemblyOut)
+def get_assembly(ref: PathRef, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        return assemblies_out(s, owner, [resolve(s, Assembly, ref, owner, "assembly")])[0]
+
+
+@router.patch("/assemblies/{ref:path}", response_model=AssemblyOut)
+def update_assembly(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
+    """Sets the aliases of this version: predict and download by `name@alias` follow them."""
+    with svc.catalog.session() as s:
+        a = resolve(s, Assembly, ref, owner, "assembly")
+        set_aliases(s, "assembly", a, body.aliases)
+        return assemblies_out(s, owner, [a])[0]
+
+
+@router.delete("/assemblies/{ref:path}", status_code=204)
+def delete_assembly(ref: PathRef, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        a = resolve(s, Assembly, ref, owner, "assembly")
+        if a.job is not None and a.job.status in ACTIVE_STATES:
+            raise HTTPException(409, f"assembly {a.id} is {a.job.status}; wait until it ends")
+        sha = a.artifact_sha256
+        drop_aliases(s, "assembly", a)
+        s.delete(a)
+        s.flush()
+        drop_artifacts(s, svc.storage, {sha} if sha else set())
+    return Response(status_code=204)

@@ -5,22 +5,50 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from app import adapters
 from app.auth import current_owner
 from app.catalog import MAX_ID, AssemblySource, ComponentSet, Dataset, Job, Model
 from app.routers.common import (
-    PathId,
+    Limit,
+    Offset,
+    PathRef,
+    aliases_of,
+    check_name,
+    drop_aliases,
     drop_artifacts,
+    next_version,
     owned,
+    page,
     parse_json_field,
+    resolve,
     resolve_classes,
     save_upload,
+    set_aliases,
     unprocessable,
 )
-from app.schemas import Accepted, ComponentSetOut, ComponentsOut, JobOut, LocateIn, ModelOut
+from app.schemas import (
+    Accepted,
+    AliasesIn,
+    ComponentSetOut,
+    ComponentsOut,
+    JobOut,
+    LocateIn,
+    ModelOut,
+)
 from app.services import Services, services
 from worker.runtime import create_job
 from worker.tasks import locate_jobs_for
@@ -43,6 +71,23 @@ def parse_class_names(raw: str) -> list[str]:
     if dup:
         raise unprocessable(f"class_names lists {', '.join(map(repr, dup))} more than once")
     return out
+
+
+def models_out(s, owner: str, rows: list[Model]) -> list[ModelOut]:
+    """ModelOut with aliases and reverse lineage (the assemblies using each model)."""
+    ids = [m.id for m in rows]
+    aliases = aliases_of(s, "model", owner, ids)
+    used: dict[int, list[int]] = {i: [] for i in ids}
+    if ids:
+        q = (
+            select(AssemblySource.model_id, AssemblySource.assembly_id)
+            .where(AssemblySource.model_id.in_(ids))
+            .distinct()
+            .order_by(AssemblySource.assembly_id)
+        )
+        for model_id, assembly_id in s.execute(q):
+            used[model_id].append(assembly_id)
+    return [ModelOut.of(m, aliases=aliases[m.id], used_by=used[m.id]) for m in rows]
 
 
 def check_locate_input(m: Model, ds: Dataset) -> None:
@@ -80,6 +125,7 @@ def register_model(
         int | None, Form(ge=1, le=MAX_ID, description="locate on this dataset at once")
     ] = None,
 ):
+    check_name(name)
     names = parse_class_names(class_names)
     spec = adapters.parse_input_spec(parse_json_field(input_spec, "input_spec"))
     arches = adapters.known_arches()
@@ -116,6 +162,7 @@ def register_model(
             m = Model(
                 owner=owner,
                 name=name,
+                version=next_version(s, Model, owner, name),
                 arch=arch,
                 class_names=names,
                 input_spec=spec.to_dict(),
@@ -129,6 +176,10 @@ def register_model(
                 job = start_locate(svc, s, owner, m, ds, LocateIn(dataset_id=ds.id))
             s.flush()
             out = ModelOut.of(m, job.id if job else None)
+    except IntegrityError:  # another registration of the name took this version number
+        with svc.catalog.session() as s:
+            drop_artifacts(s, svc.storage, {sha})
+        raise HTTPException(409, f"model {name!r} was registered concurrently; retry") from None
     except BaseException:
         with svc.catalog.session() as s:
             drop_artifacts(s, svc.storage, {sha})
@@ -139,44 +190,29 @@ def register_model(
 
 
 @router.get("/models", response_model=list[ModelOut])
-def list_models(owner: Owner, svc: Svc):
+def list_models(
+    owner: Owner,
+    svc: Svc,
+    request: Request,
+    response: Response,
+    limit: Limit = 100,
+    offset: Offset = 0,
+    name: Annotated[str | None, Query(max_length=200, description="only this name")] = None,
+    arch: Annotated[str | None, Query(max_length=64, description="only this arch")] = None,
+):
+    q = select(Model).where(Model.owner == owner).order_by(Model.id)
+    if name is not None:
+        q = q.where(Model.name == name)
+    if arch is not None:
+        q = q.where(Model.arch == arch)
     with svc.catalog.session() as s:
-        rows = s.scalars(select(Model).where(Model.owner == owner).order_by(Model.id))
-        return [ModelOut.of(m) for m in rows]
+        return models_out(s, owner, page(s, q, request, response, limit, offset))
 
 
-@router.get("/models/{model_id}", response_model=ModelOut)
-def get_model(model_id: PathId, owner: Owner, svc: Svc):
+@router.post("/models/{ref:path}/locate", status_code=202, response_model=Accepted)
+def locate_components(ref: PathRef, body: LocateIn, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
-        return ModelOut.of(owned(s, Model, model_id, owner, "model"))
-
-
-@router.delete("/models/{model_id}", status_code=204)
-def delete_model(model_id: PathId, owner: Owner, svc: Svc):
-    with svc.catalog.session() as s:
-        m = owned(s, Model, model_id, owner, "model")
-        users = s.scalars(
-            select(AssemblySource.assembly_id).where(AssemblySource.model_id == m.id).distinct()
-        ).all()
-        if users:
-            raise HTTPException(
-                409,
-                f"model {m.id} is used by assemblies {', '.join(map(str, users))}; "
-                "delete those first",
-            )
-        if locate_jobs_for(s, owner, m.id, active=True):
-            raise HTTPException(409, f"model {m.id} has a locate job in progress")
-        shas = {m.weights_sha256} | {c.artifact_sha256 for c in m.component_sets}
-        s.delete(m)
-        s.flush()
-        drop_artifacts(s, svc.storage, shas)
-    return Response(status_code=204)
-
-
-@router.post("/models/{model_id}/locate", status_code=202, response_model=Accepted)
-def locate_components(model_id: PathId, body: LocateIn, owner: Owner, svc: Svc):
-    with svc.catalog.session() as s:
-        m = owned(s, Model, model_id, owner, "model")
+        m = resolve(s, Model, ref, owner, "model")
         ds = owned(s, Dataset, body.dataset_id, owner, "dataset")
         job = start_locate(svc, s, owner, m, ds, body)
         s.flush()
@@ -185,10 +221,10 @@ def locate_components(model_id: PathId, body: LocateIn, owner: Owner, svc: Svc):
     return out
 
 
-@router.get("/models/{model_id}/components", response_model=ComponentsOut)
-def list_components(model_id: PathId, owner: Owner, svc: Svc):
+@router.get("/models/{ref:path}/components", response_model=ComponentsOut)
+def list_components(ref: PathRef, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
-        m = owned(s, Model, model_id, owner, "model")
+        m = resolve(s, Model, ref, owner, "model")
         sets = []
         for c in sorted(m.component_sets, key=lambda c: c.id, reverse=True):
             ds = s.get(Dataset, c.dataset_id)
@@ -203,12 +239,12 @@ def list_components(model_id: PathId, owner: Owner, svc: Svc):
 
 
 @router.get(
-    "/models/{model_id}/routes.svg",
+    "/models/{ref:path}/routes.svg",
     response_class=Response,
     responses={200: {"content": {"image/svg+xml": {}}}},
 )
 def routes_svg(
-    model_id: PathId,
+    ref: PathRef,
     owner: Owner,
     svc: Svc,
     classes: Annotated[
@@ -217,7 +253,7 @@ def routes_svg(
     component_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ):
     with svc.catalog.session() as s:
-        m = owned(s, Model, model_id, owner, "model")
+        m = resolve(s, Model, ref, owner, "model")
         if component_set_id is not None:
             cs = s.get(ComponentSet, component_set_id)
             if cs is None or cs.model_id != m.id:
@@ -244,3 +280,45 @@ def routes_svg(
     comps = Components.load(svc.storage.require(sha))
     svg = render_routes(source, comps, indices)
     return Response(svg, media_type="image/svg+xml")
+
+
+# The routes below take the whole rest of the path as the model's reference (it may be
+# `name/version`), so they come after the routes with a suffix.
+
+
+@router.get("/models/{ref:path}", response_model=ModelOut)
+def get_model(ref: PathRef, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        return models_out(s, owner, [resolve(s, Model, ref, owner, "model")])[0]
+
+
+@router.patch("/models/{ref:path}", response_model=ModelOut)
+def update_model(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
+    """Sets the aliases of this version; `GET /models/{name}@{alias}` then finds it."""
+    with svc.catalog.session() as s:
+        m = resolve(s, Model, ref, owner, "model")
+        set_aliases(s, "model", m, body.aliases)
+        return models_out(s, owner, [m])[0]
+
+
+@router.delete("/models/{ref:path}", status_code=204)
+def delete_model(ref: PathRef, owner: Owner, svc: Svc):
+    with svc.catalog.session() as s:
+        m = resolve(s, Model, ref, owner, "model")
+        users = s.scalars(
+            select(AssemblySource.assembly_id).where(AssemblySource.model_id == m.id).distinct()
+        ).all()
+        if users:
+            raise HTTPException(
+                409,
+                f"model {m.id} is used by assemblies {', '.join(map(str, users))}; "
+                "delete those first",
+            )
+        if locate_jobs_for(s, owner, m.id, active=True):
+            raise HTTPException(409, f"model {m.id} has a locate job in progress")
+        shas = {m.weights_sha256} | {c.artifact_sha256 for c in m.component_sets}
+        drop_aliases(s, "model", m)
+        s.delete(m)
+        s.flush()
+        drop_artifacts(s, svc.storage, shas)
+    return Response(status_code=204)
