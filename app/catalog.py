@@ -263,6 +263,24 @@ class AssemblySource(Base):
     assembly: Mapped[Assembly] = relationship(back_populates="sources")
 
 
+class RegisteredName(Base):
+    """A name's version counter (kind "model" or "assembly"): versions are numbered from
+    it, so a deleted version's number is never given to another one."""
+
+    __tablename__ = "registered_names"
+    __table_args__ = (
+        UniqueConstraint("owner", "kind", "name", name="uq_registered_names_name"),
+        NO_REUSE,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Alias(Base):
     """A movable name for one version (MLflow's `name@alias`): kind is "model" or
     "assembly", target_id the version's row id."""

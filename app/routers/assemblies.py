@@ -130,7 +130,7 @@ def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc, response: Response
         a = Assembly(
             owner=owner,
             name=name,
-            version=next_version(s, Assembly, owner, name),
+            version=next_version(s, "assembly", owner, name),
             options=opts,
             eval_dataset_ids=list(body.eval_dataset_ids),
             classes=planned,

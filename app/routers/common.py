@@ -13,7 +13,7 @@ from fastapi import Path as PathParam
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.catalog import MAX_ID, Alias, artifact_in_use
+from app.catalog import MAX_ID, Alias, RegisteredName, artifact_in_use
 from app.storage import Storage
 
 # An id in the URL path: 1..MAX_ID, so that a huge number is a 422 (never reaches the driver).
@@ -50,11 +50,20 @@ def check_name(name: str) -> str:
     return name
 
 
-def next_version(session: Session, cls, owner: str, name: str) -> int:
-    latest = session.scalar(
-        select(func.max(cls.version)).where(cls.owner == owner, cls.name == name)
+def next_version(session: Session, kind: str, owner: str, name: str) -> int:
+    """The next version number of `name` (never one given before, even if deleted)."""
+    row = session.scalar(
+        select(RegisteredName)
+        .where(RegisteredName.owner == owner, RegisteredName.kind == kind)
+        .where(RegisteredName.name == name)
+        .with_for_update()
     )
-    return (latest or 0) + 1
+    if row is None:
+        row = RegisteredName(owner=owner, kind=kind, name=name, last_version=0)
+        session.add(row)
+    row.last_version += 1
+    session.flush()
+    return row.last_version
 
 
 def resolve(session: Session, cls, ref: str, owner: str, what: str):

@@ -162,7 +162,7 @@ def register_model(
             m = Model(
                 owner=owner,
                 name=name,
-                version=next_version(s, Model, owner, name),
+                version=next_version(s, "model", owner, name),
                 arch=arch,
                 class_names=names,
                 input_spec=spec.to_dict(),

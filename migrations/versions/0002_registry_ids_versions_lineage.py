@@ -7,7 +7,8 @@
   either where a trace of them is left.
 - models and assemblies get a `version` per (owner, name): existing rows are
   numbered 1, 2, ... in id order.
-- aliases: movable names for one version (`name@alias`).
+- registered_names: each name's version counter (a deleted version's number is not
+  given again); aliases: movable names for one version (`name@alias`).
 - assembly_sources copy the source model's name, version, arch and weights sha256.
 - idempotency_keys: the `Idempotency-Key` of creating POSTs.
 
@@ -28,7 +29,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 TS = sa.DateTime(timezone=True)
-TABLES = (
+TABLES = (  # the tables of revision 0001
     "api_keys",
     "datasets",
     "jobs",
@@ -136,6 +137,25 @@ def upgrade() -> None:
     op.create_index("ix_aliases_target_id", "aliases", ["target_id"])
 
     op.create_table(
+        "registered_names",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("owner", sa.String(200), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("last_version", sa.Integer(), nullable=False),
+        sa.Column("created_at", TS, nullable=False),
+        sa.UniqueConstraint("owner", "kind", "name", name="uq_registered_names_name"),
+        sqlite_autoincrement=True,
+    )
+    op.create_index("ix_registered_names_owner", "registered_names", ["owner"])
+    for table, kind in (("models", "model"), ("assemblies", "assembly")):
+        op.execute(
+            "INSERT INTO registered_names (owner, kind, name, last_version, created_at) "
+            f"SELECT owner, '{kind}', name, MAX(version), MIN(created_at) FROM {table} "
+            "GROUP BY owner, name"
+        )
+
+    op.create_table(
         "idempotency_keys",
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("owner", sa.String(200), nullable=False),
@@ -179,6 +199,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     conn = op.get_bind()
     sqlite = conn.dialect.name == "sqlite"
+    op.drop_index("ix_registered_names_owner", "registered_names")
+    op.drop_table("registered_names")
     op.drop_index("ix_idempotency_keys_owner", "idempotency_keys")
     op.drop_table("idempotency_keys")
     op.drop_index("ix_aliases_target_id", "aliases")

@@ -371,6 +371,9 @@ class Http:
     def delete(self, url, **kw):
         return self.client.delete(url, headers=self._h(kw), **kw)
 
+    def patch(self, url, **kw):
+        return self.client.patch(url, headers=self._h(kw), **kw)
+
     def wait_job(self, job_id: int, timeout: float = 240.0) -> dict:
         return wait_job(lambda: self.get(f"/api/v1/jobs/{job_id}").json(), timeout)
 

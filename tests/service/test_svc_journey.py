@@ -4,8 +4,10 @@ in-process runner), then what a finished assembly refuses: other owners, bad ima
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_helpers import (
@@ -35,7 +37,13 @@ def journey(tmp_path_factory, trained_lenets, mnist_small, digits):
     with TestClient(app) as client:
         http = Http(client, alice)
         ids = run_journey(http, trained_lenets, mnist_small, digits, root)
-        yield {"http": http, "bob": Http(client, bob), "ids": ids, "svc": app.state.services}
+        yield {
+            "http": http,
+            "bob": Http(client, bob),
+            "ids": ids,
+            "svc": app.state.services,
+            "digits": digits,
+        }
     app.state.services.catalog.dispose()
 
 
@@ -121,6 +129,66 @@ def test_bad_predict_input(journey):
     r = http.get(url, params={"image": b64url(b"x"), "top_k": 0})
     assert r.status_code == 422
     assert http.get("/api/v1/assemblies/999/predict", params={"image": "AAAA"}).status_code == 404
+
+
+def test_registry_lineage_versions_aliases(journey, tmp_path):
+    """Lineage names the exact source weights (in the catalog and in the .pt); a name
+    has versions and aliases that predict and download resolve; a deleted id or
+    version number is never given again."""
+    http, ids = journey["http"], journey["ids"]
+    model_a = http.get(f"/api/v1/models/{ids['a']}").json()
+    assert model_a["version"] == 1 and model_a["used_by"] == [ids["assembly"]]
+    asm = http.get(f"/api/v1/assemblies/{ids['assembly']}").json()
+    src = asm["sources"][0]
+    assert (src["model_name"], src["model_version"]) == ("lenet-0-4", 1)
+    assert src["weights_sha256"] == model_a["weights_sha256"] and src["model_arch"] == "lenet"
+    r = http.get("/api/v1/assemblies", params={"model_id": ids["a"]})
+    assert [x["id"] for x in r.json()] == [ids["assembly"]]
+
+    pt = tmp_path / "a.pt"
+    pt.write_bytes(http.get(f"/api/v1/assemblies/{ids['assembly']}/download").content)
+    extra = {"lego.json": ""}
+    torch.export.load(str(pt), extra_files=extra)
+    first = json.loads(extra["lego.json"])["lineage"][0]
+    assert first["source_model_id"] == ids["a"] and first["source_model_name"] == "lenet-0-4"
+    assert first["source_model_version"] == 1 and first["class_name"] == "0"
+    assert first["source_weights_sha256"] == model_a["weights_sha256"]
+
+    # The same name again: version 2, with its own id; aliases move between versions.
+    r = http.post("/api/v1/assemblies", json=ids["body"])
+    assert r.status_code == 202 and r.headers["location"] == f"/api/v1/assemblies/{r.json()['id']}"
+    v2 = http.wait_assembly(r.json()["id"])
+    assert v2["status"] == "succeeded" and v2["version"] == 2 and v2["id"] > ids["assembly"]
+    name = ids["body"]["name"]
+    assert http.get(f"/api/v1/assemblies/{name}").json()["id"] == v2["id"]  # the latest
+    assert http.get(f"/api/v1/assemblies/{name}/1").json()["id"] == ids["assembly"]
+    r = http.patch(f"/api/v1/assemblies/{name}/1", json={"aliases": ["champion"]})
+    assert r.status_code == 200 and r.json()["aliases"] == ["champion"]
+    assert http.get(f"/api/v1/assemblies/{name}@champion").json()["id"] == ids["assembly"]
+    image = {"image": b64url(journey["digits"]["3"])}
+    for ref in (f"{name}@champion", f"{name}/2", str(v2["id"])):
+        r = http.get(f"/api/v1/assemblies/{ref}/predict", params=image)
+        assert r.status_code == 200, (ref, r.text)
+    r = http.get(f"/api/v1/assemblies/{name}@champion/download")
+    assert r.status_code == 200 and r.content == pt.read_bytes()
+    assert http.patch(f"/api/v1/assemblies/{name}/2", json={"aliases": ["champion"]}).is_success
+    assert http.get(f"/api/v1/assemblies/{name}@champion").json()["id"] == v2["id"]
+    assert http.get(f"/api/v1/assemblies/{name}/1").json()["aliases"] == []
+    assert http.get(f"/api/v1/assemblies/{name}@nobody").status_code == 404
+    assert http.get(f"/api/v1/assemblies/{name}/9").status_code == 404
+    r = http.patch(f"/api/v1/assemblies/{name}/1", json={"aliases": ["no spaces"]})
+    assert r.status_code == 422
+    r = http.post("/api/v1/assemblies", json={**ids["body"], "name": "a/b"})
+    assert r.status_code == 422
+
+    # Deleting the latest version retires its id and its version number.
+    assert http.delete(f"/api/v1/assemblies/{name}@champion").status_code == 204
+    assert http.get(f"/api/v1/assemblies/{name}@champion").status_code == 404
+    r = http.post("/api/v1/assemblies", json=ids["body"])
+    v3 = http.wait_assembly(r.json()["id"])
+    assert v3["id"] == v2["id"] + 1 and v3["version"] == 3
+    assert http.delete(f"/api/v1/assemblies/{v3['id']}").status_code == 204
+    assert http.get(f"/api/v1/models/{ids['a']}").json()["used_by"] == [ids["assembly"]]
 
 
 def test_assembly_can_be_deleted_then_its_models(journey):

@@ -22,6 +22,7 @@ TABLES = {
     "assembly_sources",
     "aliases",
     "idempotency_keys",
+    "registered_names",
 }
 
 

@@ -217,3 +217,40 @@ def test_bad_locate_requests(api, lenet_bytes, mnist_small):
     r = post_model(api, lenet_bytes, dataset_id=str(ds["id"]))  # locate at registration
     assert r.status_code == 422 and "none of model" in r.json()["detail"]
     assert snapshot(api.svc) == before
+
+
+def test_names_have_versions_aliases_and_pages(api, lenet_bytes):
+    ids = [post_model(api, lenet_bytes, name=n).json()["id"] for n in ("m", "m", "other")]
+    m1, m2 = (api.get(f"/api/v1/models/{i}").json() for i in ids[:2])
+    assert (m1["version"], m2["version"]) == (1, 2)
+    assert api.get("/api/v1/models/m").json()["id"] == ids[1]  # the latest version
+    assert api.get("/api/v1/models/m/1").json()["id"] == ids[0]
+    r = api.client.patch(
+        "/api/v1/models/m/1", headers=api.alice, json={"aliases": ["prod", "stable"]}
+    )
+    assert r.status_code == 200 and r.json()["aliases"] == ["prod", "stable"]
+    assert api.get("/api/v1/models/m@prod").json()["id"] == ids[0]
+    assert api.get("/api/v1/models/m@prod/components").json()["model_id"] == ids[0]
+    api.client.patch("/api/v1/models/m/2", headers=api.alice, json={"aliases": ["prod"]})
+    assert api.get("/api/v1/models/m@prod").json()["id"] == ids[1]
+    assert api.get("/api/v1/models/m@stable").json()["id"] == ids[0]
+    assert api.get("/api/v1/models/m@prod", who="bob").status_code == 404
+    assert api.get("/api/v1/models/m/7").status_code == 404
+
+    r = api.get("/api/v1/models", params={"limit": 2})
+    assert [x["id"] for x in r.json()] == ids[:2] and r.headers["x-total-count"] == "3"
+    assert r.headers["link"] == '</api/v1/models?limit=2&offset=2>; rel="next"'
+    r = api.get("/api/v1/models", params={"limit": 2, "offset": 2})
+    assert [x["id"] for x in r.json()] == ids[2:] and "link" not in r.headers
+    r = api.get("/api/v1/models", params={"name": "m"})
+    assert [x["id"] for x in r.json()] == ids[:2] and r.headers["x-total-count"] == "2"
+
+    for bad in ("a/b", "a@b", "123"):
+        r = post_model(api, lenet_bytes, name=bad)
+        assert r.status_code == 422 and "name" in r.json()["detail"], bad
+
+    # The latest version deleted: neither its id nor its version number comes back.
+    assert api.delete("/api/v1/models/m@prod").status_code == 204
+    assert api.get("/api/v1/models/m@prod").status_code == 404
+    m3 = post_model(api, lenet_bytes, name="m").json()
+    assert m3["id"] == ids[2] + 1 and m3["version"] == 3
