@@ -26,6 +26,7 @@ from app.catalog import (
     Job,
     Model,
 )
+from app.errors import ApiError
 from app.predict import Batcher, b64decode_image, decode_image, predict
 from app.routers.common import (
     Limit,
@@ -190,7 +191,7 @@ def finished_artifact(svc: Services, owner: str, ref: str) -> tuple[int, str, st
 def check_finished(assembly_id: int, status: str | None, sha: str | None) -> str:
     status = status or "failed"
     if status != "succeeded" or not sha:
-        raise HTTPException(409, f"assembly {assembly_id} is {status}, not succeeded")
+        raise ApiError(409, f"assembly {assembly_id} is {status}, not succeeded", "not-succeeded")
     return sha
 
 
@@ -363,7 +364,9 @@ def delete_assembly(ref: PathRef, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         a = resolve(s, Assembly, ref, owner, "assembly")
         if a.job is not None and a.job.status in ACTIVE_STATES:
-            raise HTTPException(409, f"assembly {a.id} is {a.job.status}; wait until it ends")
+            raise ApiError(
+                409, f"assembly {a.id} is {a.job.status}; wait until it ends", "job-in-progress"
+            )
         sha = a.artifact_sha256
         drop_aliases(s, "assembly", a)
         s.delete(a)

@@ -6,13 +6,33 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
 from sqlalchemy import select
 
 from app import adapters
 from app.auth import current_owner
 from app.catalog import ACTIVE_STATES, Assembly, ComponentSet, Dataset, Job
-from app.routers.common import PathId, drop_artifacts, owned, save_upload, unprocessable
+from app.errors import ApiError
+from app.routers.common import (
+    Limit,
+    Offset,
+    PathId,
+    drop_artifacts,
+    owned,
+    page,
+    save_upload,
+    unprocessable,
+)
 from app.schemas import DatasetOut
 from app.services import Services, services
 
@@ -61,6 +81,7 @@ def _inspect(path: Path, limits, label: str) -> dict[str, int]:
 def upload_dataset(
     owner: Owner,
     svc: Svc,
+    response: Response,
     name: Annotated[str, Form(min_length=1, max_length=200)],
     archive: Annotated[
         UploadFile | None, File(description="ImageFolder tar, tar.gz or zip")
@@ -108,6 +129,7 @@ def upload_dataset(
             )
             s.add(d)
             s.flush()
+            response.headers["Location"] = f"/api/v1/datasets/{d.id}"
             return DatasetOut.of(d)
     except BaseException:
         with svc.catalog.session() as s:
@@ -116,10 +138,20 @@ def upload_dataset(
 
 
 @router.get("/datasets", response_model=list[DatasetOut])
-def list_datasets(owner: Owner, svc: Svc):
+def list_datasets(
+    owner: Owner,
+    svc: Svc,
+    request: Request,
+    response: Response,
+    limit: Limit = 100,
+    offset: Offset = 0,
+    name: Annotated[str | None, Query(max_length=200, description="only this name")] = None,
+):
+    q = select(Dataset).where(Dataset.owner == owner).order_by(Dataset.id)
+    if name is not None:
+        q = q.where(Dataset.name == name)
     with svc.catalog.session() as s:
-        rows = s.scalars(select(Dataset).where(Dataset.owner == owner).order_by(Dataset.id))
-        return [DatasetOut.of(d) for d in rows]
+        return [DatasetOut.of(d) for d in page(s, q, request, response, limit, offset)]
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut)
@@ -133,15 +165,19 @@ def delete_dataset(dataset_id: PathId, owner: Owner, svc: Svc):
     with svc.catalog.session() as s:
         d = owned(s, Dataset, dataset_id, owner, "dataset")
         if s.scalar(select(ComponentSet.id).where(ComponentSet.dataset_id == d.id).limit(1)):
-            raise HTTPException(
-                409, f"dataset {d.id} holds located components; delete their models first"
+            raise ApiError(
+                409,
+                f"dataset {d.id} holds located components; delete their models first",
+                "dataset-in-use",
             )
         evals = s.scalars(select(Assembly).where(Assembly.owner == owner))
         if any(d.id in (a.eval_dataset_ids or []) for a in evals):
-            raise HTTPException(409, f"dataset {d.id} is an evaluation set of an assembly")
+            raise ApiError(
+                409, f"dataset {d.id} is an evaluation set of an assembly", "dataset-in-use"
+            )
         jobs = s.scalars(select(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATES)))
         if any((j.payload or {}).get("dataset_id") == d.id for j in jobs):
-            raise HTTPException(409, f"dataset {d.id} is used by a job in progress")
+            raise ApiError(409, f"dataset {d.id} is used by a job in progress", "job-in-progress")
         sha = d.archive_sha256
         s.delete(d)
         s.flush()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 
 from app.auth import current_owner
 from app.catalog import JOB_STATES, Job
-from app.routers.common import PathId, owned
+from app.routers.common import Limit, Offset, PathId, owned, page
 from app.schemas import JobOut
 from app.services import Services, services
 
@@ -22,14 +22,21 @@ Svc = Annotated[Services, Depends(services)]
 def list_jobs(
     owner: Owner,
     svc: Svc,
+    request: Request,
+    response: Response,
     status: Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATES) + ")$")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    kind: Annotated[str | None, Query(pattern="^(locate|assemble)$")] = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ):
+    """The owner's jobs, newest first."""
+    q = select(Job).where(Job.owner == owner).order_by(Job.id.desc())
+    if status:
+        q = q.where(Job.status == status)
+    if kind:
+        q = q.where(Job.kind == kind)
     with svc.catalog.session() as s:
-        q = select(Job).where(Job.owner == owner).order_by(Job.id.desc()).limit(limit)
-        if status:
-            q = q.where(Job.status == status)
-        return [JobOut.of(j) for j in s.scalars(q)]
+        return [JobOut.of(j) for j in page(s, q, request, response, limit, offset)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

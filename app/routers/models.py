@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from app import adapters
 from app.auth import current_owner
 from app.catalog import MAX_ID, AssemblySource, ComponentSet, Dataset, Job, Model
+from app.errors import ApiError
 from app.routers.common import (
     Limit,
     Offset,
@@ -114,6 +115,7 @@ def start_locate(svc: Services, s, owner: str, m: Model, ds: Dataset, body: Loca
 def register_model(
     owner: Owner,
     svc: Svc,
+    response: Response,
     weights: Annotated[
         UploadFile, File(description="state_dict .pt, ExportedProgram or TorchScript file")
     ],
@@ -179,13 +181,16 @@ def register_model(
     except IntegrityError:  # another registration of the name took this version number
         with svc.catalog.session() as s:
             drop_artifacts(s, svc.storage, {sha})
-        raise HTTPException(409, f"model {name!r} was registered concurrently; retry") from None
+        raise ApiError(
+            409, f"model {name!r} was registered concurrently; retry", "concurrent-update"
+        ) from None
     except BaseException:
         with svc.catalog.session() as s:
             drop_artifacts(s, svc.storage, {sha})
         raise
     if job is not None:
         svc.dispatch(job.id)
+    response.headers["Location"] = f"/api/v1/models/{out.id}"
     return out
 
 
@@ -210,7 +215,7 @@ def list_models(
 
 
 @router.post("/models/{ref:path}/locate", status_code=202, response_model=Accepted)
-def locate_components(ref: PathRef, body: LocateIn, owner: Owner, svc: Svc):
+def locate_components(ref: PathRef, body: LocateIn, owner: Owner, svc: Svc, response: Response):
     with svc.catalog.session() as s:
         m = resolve(s, Model, ref, owner, "model")
         ds = owned(s, Dataset, body.dataset_id, owner, "dataset")
@@ -218,6 +223,7 @@ def locate_components(ref: PathRef, body: LocateIn, owner: Owner, svc: Svc):
         s.flush()
         out = Accepted(job_id=job.id, job=JobOut.of(job))
     svc.dispatch(out.job_id)
+    response.headers["Location"] = f"/api/v1/jobs/{out.job_id}"
     return out
 
 
@@ -261,10 +267,11 @@ def routes_svg(
         else:
             cs = m.component_sets[-1] if m.component_sets else None
         if cs is None:
-            raise HTTPException(
+            raise ApiError(
                 409,
                 f"model {m.id} has no located components yet; "
                 f"POST /api/v1/models/{m.id}/locate first",
+                "no-components",
             )
         s.expunge(m)
         sha = cs.artifact_sha256
@@ -309,13 +316,14 @@ def delete_model(ref: PathRef, owner: Owner, svc: Svc):
             select(AssemblySource.assembly_id).where(AssemblySource.model_id == m.id).distinct()
         ).all()
         if users:
-            raise HTTPException(
+            raise ApiError(
                 409,
                 f"model {m.id} is used by assemblies {', '.join(map(str, users))}; "
                 "delete those first",
+                "model-in-use",
             )
         if locate_jobs_for(s, owner, m.id, active=True):
-            raise HTTPException(409, f"model {m.id} has a locate job in progress")
+            raise ApiError(409, f"model {m.id} has a locate job in progress", "job-in-progress")
         shas = {m.weights_sha256} | {c.artifact_sha256 for c in m.component_sets}
         drop_aliases(s, "model", m)
         s.delete(m)

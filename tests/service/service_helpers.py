@@ -521,7 +521,8 @@ def run_journey(
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 2
 
-    assert http.delete(f"/api/v1/models/{a['id']}").status_code == 409
+    r = http.delete(f"/api/v1/models/{a['id']}")
+    assert r.status_code == 409 and r.json()["code"] == "model-in-use"
     return {
         "dataset": ds["id"],
         "a": a["id"],

@@ -31,9 +31,9 @@ def test_health_ready_metrics_docs(api):
         "/api/v1/models",
         "/api/v1/datasets",
         "/api/v1/assemblies",
-        "/api/v1/assemblies/{assembly_id}/predict",
+        "/api/v1/assemblies/{ref}/predict",
         "/api/v1/jobs/{job_id}",
-        "/api/v1/models/{model_id}/routes.svg",
+        "/api/v1/models/{ref}/routes.svg",
     ):
         assert p in paths
 
@@ -144,3 +144,30 @@ def test_streamed_body_over_the_limit_is_413(api):
         "/api/v1/assemblies", content=b"x" * 20_000, headers={"content-type": "application/json"}
     )
     assert r.status_code == 413
+
+
+def test_every_error_is_a_problem_details_document(api):
+    """RFC 9457: type, title, status, a human-readable detail and a stable code."""
+    cases = [
+        (api.get("/api/v1/models/999"), 404, "not-found"),
+        (api.client.get("/api/v1/models"), 401, "unauthorized"),
+        (api.client.get("/nowhere"), 404, "not-found"),
+        (api.client.put("/api/v1/jobs", headers=api.alice), 405, "method-not-allowed"),
+        (api.post("/api/v1/assemblies", json={"source_classes": [{}]}), 422, "validation-failed"),
+        (api.get("/api/v1/models", params={"limit": 0}), 422, "validation-failed"),
+        (api.get("/api/v1/models/a@b@c"), 404, "not-found"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        body = r.json()
+        assert body["status"] == status and body["code"] == code, body
+        assert body["type"] == f"urn:model-lego:problem:{code}" and body["title"]
+        assert isinstance(body["detail"], str) and body["detail"]
+    assert cases[1][0].headers["www-authenticate"] == "Bearer"
+    invalid = cases[4][0].json()
+    assert "source_classes.0.model_id: Field required" in invalid["detail"]
+    assert {tuple(e["loc"]) for e in invalid["errors"]} >= {
+        ("body", "source_classes", 0, "model_id"),
+        ("body", "source_classes", 0, "classes"),
+    }
