@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.predict import ImageError
@@ -111,6 +111,14 @@ def install_handlers(app: FastAPI) -> None:
         # FastAPI's own handler fails (500) when an echoed input is NaN or Infinity.
         errors = json_safe(jsonable_encoder(exc.errors()))
         return problem(422, validation_detail(errors), "validation-failed", errors=errors)
+
+    @app.exception_handler(IntegrityError)
+    async def conflict(_request: Request, exc: IntegrityError) -> JSONResponse:
+        # Two requests raced for the same unique thing (a name's version, a key).
+        log.warning("concurrent change: %s", exc)
+        return problem(
+            409, "a concurrent request changed the same thing; retry", "concurrent-update"
+        )
 
     @app.exception_handler(OperationalError)
     async def db_down(_request: Request, exc: OperationalError) -> JSONResponse:

@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy import bindparam, select
+from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import UploadFile
 
 from app import adapters
@@ -29,6 +30,7 @@ from app.catalog import (
 from app.errors import ApiError
 from app.predict import Batcher, b64decode_image, decode_image, predict
 from app.routers.common import (
+    IdemKey,
     Limit,
     Offset,
     PathRef,
@@ -36,9 +38,12 @@ from app.routers.common import (
     check_name,
     drop_aliases,
     drop_artifacts,
+    fingerprint,
     next_version,
     owned,
     page,
+    remember,
+    replayed,
     resolve,
     resolve_classes,
     set_aliases,
@@ -70,11 +75,30 @@ def check_options(body: AssemblyIn) -> dict:
 
 
 @router.post("/assemblies", status_code=202, response_model=AssemblyOut)
-def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc, response: Response):
+def create_assembly(
+    body: AssemblyIn, owner: Owner, svc: Svc, response: Response, idempotency_key: IdemKey = None
+):
     opts = check_options(body)
     if body.name is not None:
         check_name(body.name)
+    fp = fingerprint(body.model_dump(mode="json"))
+    try:
+        out = plan_assembly(svc, owner, body, opts, idempotency_key, fp)
+    except IntegrityError:  # a concurrent request took the same name version or key
+        raise ApiError(409, "a concurrent request conflicted; retry", "concurrent-update") from None
+    if out.status == "queued":
+        svc.dispatch(out.job_id)
+    response.headers["Location"] = f"/api/v1/assemblies/{out.id}"
+    return out
+
+
+def plan_assembly(
+    svc: Services, owner: str, body: AssemblyIn, opts: dict, key: str | None, fp: str
+) -> AssemblyOut:
     with svc.catalog.session() as s:
+        earlier = replayed(s, owner, "assembly", key, fp)
+        if earlier is not None:
+            return assemblies_out(s, owner, [owned(s, Assembly, earlier, owner, "assembly")])[0]
         planned, rows, seen = [], [], set()
         for n, src in enumerate(body.source_classes):
             m = owned(s, Model, src.model_id, owner, "model")
@@ -141,11 +165,9 @@ def create_assembly(body: AssemblyIn, owner: Owner, svc: Svc, response: Response
         s.flush()
         job = create_job(s, owner, "assemble", {"assembly_id": a.id}, svc.settings.job_max_attempts)
         a.job_id, a.job = job.id, job
+        remember(s, owner, "assembly", key, fp, a.id)
         s.flush()
-        out = AssemblyOut.of(a)
-    svc.dispatch(out.job_id)
-    response.headers["Location"] = f"/api/v1/assemblies/{out.id}"
-    return out
+        return AssemblyOut.of(a)
 
 
 def assemblies_out(s, owner: str, rows: list[Assembly]) -> list[AssemblyOut]:
@@ -236,14 +258,26 @@ def predict_artifact(svc: Services, key: str, ref: str) -> str:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download_assembly(ref: PathRef, owner: Owner, svc: Svc):
+def download_assembly(ref: PathRef, owner: Owner, svc: Svc, request: Request):
     assembly_id, sha, name = finished_artifact(svc, owner, ref)
+    etag = f'"{sha}"'  # the content's sha256: a strong validator
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag})
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "assembly"
     return FileResponse(
         svc.storage.require(sha),
         media_type="application/octet-stream",
         filename=f"assembly-{assembly_id}-{safe}.pt",
+        headers={"ETag": etag},
     )
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names `etag` (weak comparison, as RFC 9110 asks)."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 def served_model(svc: Services, sha: str) -> Batcher:

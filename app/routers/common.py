@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import HTTPException, Query, Request, Response, UploadFile
+from fastapi import Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.catalog import MAX_ID, Alias, RegisteredName, artifact_in_use
+from app.catalog import MAX_ID, Alias, IdempotencyKey, RegisteredName, artifact_in_use
+from app.errors import ApiError
 from app.storage import Storage
 
 # An id in the URL path: 1..MAX_ID, so that a huge number is a 422 (never reaches the driver).
@@ -131,6 +133,65 @@ def drop_aliases(session: Session, kind: str, row) -> None:
         select(Alias).where(Alias.owner == row.owner, Alias.kind == kind, Alias.target_id == row.id)
     ):
         session.delete(a)
+
+
+IdemKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Send the same key again with the same request to get the resource the "
+        "first one created instead of a second one (a different request with it: 422).",
+    ),
+]
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replayed(session: Session, owner: str, scope: str, key: str | None, fp: str) -> int | None:
+    """The id of the resource an earlier request with this Idempotency-Key created, if any
+    (422 when that request was a different one)."""
+    if key is None:
+        return None
+    row = session.scalar(
+        select(IdempotencyKey).where(
+            IdempotencyKey.owner == owner, IdempotencyKey.scope == scope, IdempotencyKey.key == key
+        )
+    )
+    if row is None:
+        return None
+    if row.fingerprint != fp:
+        raise ApiError(
+            422,
+            f"Idempotency-Key {key!r} was sent before with a different request; use a new key",
+            "idempotency-key-reused",
+        )
+    return row.resource_id
+
+
+def remember(
+    session: Session, owner: str, scope: str, key: str | None, fp: str, resource_id: int
+) -> None:
+    """Records the key in the transaction that creates the resource (a concurrent request
+    with the same key then fails on the unique constraint, and nothing of it is kept)."""
+    if key is not None:
+        session.add(
+            IdempotencyKey(
+                owner=owner, scope=scope, key=key, fingerprint=fp, resource_id=resource_id
+            )
+        )
+        session.flush()
 
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="at most this many items")]

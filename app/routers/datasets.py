@@ -24,12 +24,17 @@ from app.auth import current_owner
 from app.catalog import ACTIVE_STATES, Assembly, ComponentSet, Dataset, Job
 from app.errors import ApiError
 from app.routers.common import (
+    IdemKey,
     Limit,
     Offset,
     PathId,
     drop_artifacts,
+    file_sha256,
+    fingerprint,
     owned,
     page,
+    remember,
+    replayed,
     save_upload,
     unprocessable,
 )
@@ -89,6 +94,7 @@ def upload_dataset(
     path: Annotated[
         str | None, Form(description="instead of `archive`: an archive under LEGO_DATA_DIR")
     ] = None,
+    idempotency_key: IdemKey = None,
 ):
     if (archive is None) == (path is None):
         raise unprocessable("send either an `archive` file or a server-side `path`")
@@ -104,6 +110,14 @@ def upload_dataset(
             )
         with open(src, "rb") as f:
             tmp = storage.put_stream(f)
+    fp = fingerprint(name, path, file_sha256(tmp))
+    if idempotency_key is not None:
+        with svc.catalog.session() as s:
+            earlier = replayed(s, owner, "dataset", idempotency_key, fp)
+            if earlier is not None:
+                tmp.unlink(missing_ok=True)
+                response.headers["Location"] = f"/api/v1/datasets/{earlier}"
+                return DatasetOut.of(owned(s, Dataset, earlier, owner, "dataset"))
     try:
         suffix = sniff_archive(tmp)
         if suffix is None:
@@ -129,6 +143,7 @@ def upload_dataset(
             )
             s.add(d)
             s.flush()
+            remember(s, owner, "dataset", idempotency_key, fp, d.id)
             response.headers["Location"] = f"/api/v1/datasets/{d.id}"
             return DatasetOut.of(d)
     except BaseException:

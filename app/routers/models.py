@@ -24,6 +24,7 @@ from app.auth import current_owner
 from app.catalog import MAX_ID, AssemblySource, ComponentSet, Dataset, Job, Model
 from app.errors import ApiError
 from app.routers.common import (
+    IdemKey,
     Limit,
     Offset,
     PathRef,
@@ -31,10 +32,14 @@ from app.routers.common import (
     check_name,
     drop_aliases,
     drop_artifacts,
+    file_sha256,
+    fingerprint,
     next_version,
     owned,
     page,
     parse_json_field,
+    remember,
+    replayed,
     resolve,
     resolve_classes,
     save_upload,
@@ -126,6 +131,7 @@ def register_model(
     dataset_id: Annotated[
         int | None, Form(ge=1, le=MAX_ID, description="locate on this dataset at once")
     ] = None,
+    idempotency_key: IdemKey = None,
 ):
     check_name(name)
     names = parse_class_names(class_names)
@@ -145,6 +151,14 @@ def register_model(
         "weights",
         adapters.weights_suffix(arch),
     )
+    fp = fingerprint(name, arch, names, spec.to_dict(), dataset_id, file_sha256(tmp))
+    if idempotency_key is not None:
+        with svc.catalog.session() as s:
+            earlier = replayed(s, owner, "model", idempotency_key, fp)
+            if earlier is not None:
+                tmp.unlink(missing_ok=True)
+                response.headers["Location"] = f"/api/v1/models/{earlier}"
+                return models_out(s, owner, [owned(s, Model, earlier, owner, "model")])[0]
     try:
         from lego_core.errors import LegoError, ModelFileError
 
@@ -176,9 +190,10 @@ def register_model(
             job = None
             if ds is not None:
                 job = start_locate(svc, s, owner, m, ds, LocateIn(dataset_id=ds.id))
+            remember(s, owner, "model", idempotency_key, fp, m.id)
             s.flush()
             out = ModelOut.of(m, job.id if job else None)
-    except IntegrityError:  # another registration of the name took this version number
+    except IntegrityError:  # a concurrent registration took this version number or key
         with svc.catalog.session() as s:
             drop_artifacts(s, svc.storage, {sha})
         raise ApiError(
@@ -215,12 +230,26 @@ def list_models(
 
 
 @router.post("/models/{ref:path}/locate", status_code=202, response_model=Accepted)
-def locate_components(ref: PathRef, body: LocateIn, owner: Owner, svc: Svc, response: Response):
+def locate_components(
+    ref: PathRef,
+    body: LocateIn,
+    owner: Owner,
+    svc: Svc,
+    response: Response,
+    idempotency_key: IdemKey = None,
+):
+    fp = fingerprint(ref, body.model_dump(mode="json"))
     with svc.catalog.session() as s:
+        earlier = replayed(s, owner, "locate", idempotency_key, fp)
+        if earlier is not None:
+            response.headers["Location"] = f"/api/v1/jobs/{earlier}"
+            job = owned(s, Job, earlier, owner, "job")
+            return Accepted(job_id=job.id, job=JobOut.of(job))
         m = resolve(s, Model, ref, owner, "model")
         ds = owned(s, Dataset, body.dataset_id, owner, "dataset")
         job = start_locate(svc, s, owner, m, ds, body)
         s.flush()
+        remember(s, owner, "locate", idempotency_key, fp, job.id)
         out = Accepted(job_id=job.id, job=JobOut.of(job))
     svc.dispatch(out.job_id)
     response.headers["Location"] = f"/api/v1/jobs/{out.job_id}"

@@ -171,6 +171,12 @@ def test_registry_lineage_versions_aliases(journey, tmp_path):
         assert r.status_code == 200, (ref, r.text)
     r = http.get(f"/api/v1/assemblies/{name}@champion/download")
     assert r.status_code == 200 and r.content == pt.read_bytes()
+    assert r.headers["etag"] == f'"{asm["artifact_sha256"]}"'
+    cached = {"If-None-Match": r.headers["etag"]}
+    r = http.get(f"/api/v1/assemblies/{name}/1/download", headers=cached)
+    assert r.status_code == 304 and r.content == b""
+    r = http.get(f"/api/v1/assemblies/{name}/1/download", headers={"If-None-Match": '"other"'})
+    assert r.status_code == 200
     assert http.patch(f"/api/v1/assemblies/{name}/2", json={"aliases": ["champion"]}).is_success
     assert http.get(f"/api/v1/assemblies/{name}@champion").json()["id"] == v2["id"]
     assert http.get(f"/api/v1/assemblies/{name}/1").json()["aliases"] == []
@@ -184,9 +190,15 @@ def test_registry_lineage_versions_aliases(journey, tmp_path):
     # Deleting the latest version retires its id and its version number.
     assert http.delete(f"/api/v1/assemblies/{name}@champion").status_code == 204
     assert http.get(f"/api/v1/assemblies/{name}@champion").status_code == 404
-    r = http.post("/api/v1/assemblies", json=ids["body"])
+    key = {"Idempotency-Key": "v3"}
+    r = http.post("/api/v1/assemblies", json=ids["body"], headers=key)
     v3 = http.wait_assembly(r.json()["id"])
     assert v3["id"] == v2["id"] + 1 and v3["version"] == 3
+    r = http.post("/api/v1/assemblies", json=ids["body"], headers=key)  # a retried request
+    assert r.status_code == 202 and r.json()["id"] == v3["id"]
+    assert r.headers["location"] == f"/api/v1/assemblies/{v3['id']}"
+    r = http.post("/api/v1/assemblies", json={**ids["body"], "name": "x"}, headers=key)
+    assert r.status_code == 422 and r.json()["code"] == "idempotency-key-reused"
     assert http.delete(f"/api/v1/assemblies/{v3['id']}").status_code == 204
     assert http.get(f"/api/v1/models/{ids['a']}").json()["used_by"] == [ids["assembly"]]
 

@@ -26,7 +26,7 @@ def lenet_bytes() -> bytes:
     return buf.getvalue()
 
 
-def post_model(api, weights: bytes, who="alice", **over):
+def post_model(api, weights: bytes, who="alice", headers=None, **over):
     data = {
         "name": "m",
         "arch": "lenet",
@@ -39,6 +39,7 @@ def post_model(api, weights: bytes, who="alice", **over):
     return api.post(
         "/api/v1/models",
         who=who,
+        headers=headers or {},
         data=data,
         files={"weights": ("lenet.pt", weights, "application/octet-stream")},
     )
@@ -254,3 +255,17 @@ def test_names_have_versions_aliases_and_pages(api, lenet_bytes):
     assert api.get("/api/v1/models/m@prod").status_code == 404
     m3 = post_model(api, lenet_bytes, name="m").json()
     assert m3["id"] == ids[2] + 1 and m3["version"] == 3
+
+
+def test_idempotency_key_replays_the_first_registration(api, lenet_bytes):
+    key = {"Idempotency-Key": "reg-1"}
+    first = post_model(api, lenet_bytes, headers=key)
+    again = post_model(api, lenet_bytes, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"] and again.json()["version"] == 1
+    assert again.headers["location"] == f"/api/v1/models/{first.json()['id']}"
+    r = post_model(api, lenet_bytes, headers=key, name="other")  # same key, other request
+    assert r.status_code == 422 and r.json()["code"] == "idempotency-key-reused"
+    assert post_model(api, lenet_bytes, who="bob", headers=key).json()["id"] != first.json()["id"]
+    assert post_model(api, lenet_bytes).json()["version"] == 2  # no key: a new version
+    assert api.get("/api/v1/models").headers["x-total-count"] == "2"
