@@ -41,7 +41,8 @@ from sqlalchemy.orm import (
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
-JOB_STATES = ("queued", "running", "succeeded", "failed")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
 # The largest id an id column holds (INTEGER: 32-bit on PostgreSQL); the API refuses
 # larger ones with a 422 instead of letting the database driver overflow.
 MAX_ID = 2**31 - 1
@@ -202,6 +203,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     run_after: Mapped[datetime | None] = mapped_column(default=None)
+    # Set by a cancel request: a queued job ends at once, a running one at its next
+    # progress point (worker.runtime).
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Assembly(Base):

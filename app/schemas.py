@@ -131,6 +131,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    cancel_requested: bool = Field(
+        False, description="cancellation was asked for (a running job stops at its next step)"
+    )
 
     @classmethod
     def of(cls, j: Job) -> JobOut:
@@ -152,6 +155,7 @@ class JobOut(BaseModel):
             started_at=j.started_at,
             finished_at=j.finished_at,
             heartbeat_at=j.heartbeat_at,
+            cancel_requested=j.cancel_requested_at is not None,
         )
 
 

@@ -104,7 +104,7 @@ def locate_job(ctx: JobContext) -> Result:
     with ctx.storage.temp_path(".pt") as t:
         comps.save(t)
         Components.load(t)  # what was written reads back
-        sha, _ = ctx.storage.store_file(t)
+        sha, _ = ctx.store_file(t)
     summary = comps.summary()
     used = dict(getattr(comps, "parameters", None) or parameters)
 
@@ -222,7 +222,7 @@ def assemble_job(ctx: JobContext) -> Result:
     ctx.progress(0.95, "exporting")
     with ctx.storage.temp_path(".pt") as t:
         adapters.export(assembled, t)
-        sha, size = ctx.storage.store_file(t)
+        sha, size = ctx.store_file(t)
 
     classes = []
     for i, entry in enumerate(assembled.lineage):

@@ -11,6 +11,7 @@
   given again); aliases: movable names for one version (`name@alias`).
 - assembly_sources copy the source model's name, version, arch and weights sha256.
 - idempotency_keys: the `Idempotency-Key` of creating POSTs.
+- jobs.cancel_requested_at: job cancellation.
 
 Revision ID: 0002
 Revises: 0001
@@ -105,6 +106,8 @@ def upgrade() -> None:
     for table in ("models", "assemblies"):
         op.add_column(table, sa.Column("version", sa.Integer(), nullable=True))
         number_versions(conn, table)
+    with op.batch_alter_table("jobs") as b:
+        b.add_column(sa.Column("cancel_requested_at", TS, nullable=True))
     with op.batch_alter_table("assembly_sources") as b:
         b.add_column(sa.Column("model_name", sa.String(200), nullable=True))
         b.add_column(sa.Column("model_version", sa.Integer(), nullable=True))
@@ -214,6 +217,8 @@ def downgrade() -> None:
             if table in ("models", "assemblies"):
                 b.drop_constraint(f"uq_{table}_version", type_="unique")
                 b.drop_column("version")
+            if table == "jobs":
+                b.drop_column("cancel_requested_at")
             if table == "assembly_sources":
                 for col in ("model_name", "model_version", "model_arch", "weights_sha256"):
                     b.drop_column(col)

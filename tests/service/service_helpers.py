@@ -213,7 +213,7 @@ def wait_job(fetch, timeout: float = 180.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = fetch()
-        if job["status"] in ("succeeded", "failed"):
+        if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         if time.monotonic() > deadline:
             raise AssertionError(f"job did not finish: {job}")

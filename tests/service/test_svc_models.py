@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from service_helpers import MNIST_SPEC_DICT, needs_lego, snapshot
+from service_helpers import MNIST_SPEC_DICT, needs_lego, snapshot, wait_job
 
 pytestmark = needs_lego("load_source_model", "build_model", "ARCHITECTURES")
 
@@ -269,3 +269,31 @@ def test_idempotency_key_replays_the_first_registration(api, lenet_bytes):
     assert post_model(api, lenet_bytes, who="bob", headers=key).json()["id"] != first.json()["id"]
     assert post_model(api, lenet_bytes).json()["version"] == 2  # no key: a new version
     assert api.get("/api/v1/models").headers["x-total-count"] == "2"
+
+
+def test_cancel_a_running_locate_job_over_http(api, lenet_bytes, mnist_small):
+    r = api.post("/api/v1/datasets", data={"name": "d"}, files={"archive": ("d.tgz", mnist_small)})
+    ds = r.json()["id"]
+    api.svc.settings.debug_job_delay_s = 1.0  # the job runs for a while before its first step
+    digits = json.dumps(list("01234"))
+    m = post_model(api, lenet_bytes, dataset_id=str(ds), class_names=digits).json()
+    jid = m["locate_job_id"]
+    wait_job(lambda: {"status": "failed" if api.get(f"/api/v1/jobs/{jid}").json()["status"]
+                      == "running" else "queued"}, timeout=30)  # fmt: skip
+    r = api.post(f"/api/v1/jobs/{jid}/cancel")
+    assert r.status_code == 202 and r.json()["cancel_requested"] and r.json()["status"] == "running"
+    job = api.wait_job(jid)
+    assert job["status"] == "cancelled" and job["error"] is None
+    assert api.get(f"/api/v1/models/{m['id']}/components").json()["component_sets"] == []
+    assert api.delete(f"/api/v1/jobs/{jid}").json()["status"] == "cancelled"  # again: no-op
+    r = api.get("/api/v1/jobs", params={"status": "cancelled"})
+    assert [j["id"] for j in r.json()] == [jid]
+
+    api.svc.settings.debug_job_delay_s = 0.0
+    r = api.post(f"/api/v1/models/{m['id']}/locate", json={"dataset_id": ds})
+    assert r.status_code == 202 and r.headers["location"] == f"/api/v1/jobs/{r.json()['job_id']}"
+    done = api.wait_job(r.json()["job_id"])
+    assert done["status"] == "succeeded"
+    r = api.post(f"/api/v1/jobs/{done['id']}/cancel")
+    assert r.status_code == 409 and r.json()["code"] == "job-finished"
+    assert api.post("/api/v1/jobs/999/cancel").status_code == 404
