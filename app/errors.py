@@ -77,6 +77,11 @@ def problem(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def v2(request: Request, detail: str) -> dict:
+    """The Open Inference Protocol's `error` member, on its routes (/v2/...)."""
+    return {"error": detail} if request.url.path.startswith("/v2") else {}
+
+
 def validation_detail(errors: list[dict]) -> str:
     parts = []
     for e in errors[:10]:
@@ -90,13 +95,15 @@ def install_handlers(app: FastAPI) -> None:
     from lego_core.errors import LegoError
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return problem(exc.status_code, detail, getattr(exc, "code", None), exc.headers)
+        code = getattr(exc, "code", None)
+        return problem(exc.status_code, detail, code, exc.headers, **v2(request, detail))
 
     @app.exception_handler(LegoError)
-    async def lego_error(_request: Request, exc: LegoError) -> JSONResponse:
-        return problem(422, str(exc), LEGO_CODES.get(type(exc).__name__, "invalid-input"))
+    async def lego_error(request: Request, exc: LegoError) -> JSONResponse:
+        code = LEGO_CODES.get(type(exc).__name__, "invalid-input")
+        return problem(422, str(exc), code, **v2(request, str(exc)))
 
     @app.exception_handler(ImageError)
     async def image_error(_request: Request, exc: ImageError) -> JSONResponse:
@@ -107,10 +114,11 @@ def install_handlers(app: FastAPI) -> None:
         return problem(413, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler fails (500) when an echoed input is NaN or Infinity.
         errors = json_safe(jsonable_encoder(exc.errors()))
-        return problem(422, validation_detail(errors), "validation-failed", errors=errors)
+        detail = validation_detail(errors)
+        return problem(422, detail, "validation-failed", errors=errors, **v2(request, detail))
 
     @app.exception_handler(IntegrityError)
     async def conflict(_request: Request, exc: IntegrityError) -> JSONResponse:

@@ -289,12 +289,15 @@ def served_model(svc: Services, sha: str) -> Batcher:
 
 
 def run_predict(svc: Services, sha: str, blobs: list[bytes], top_k: int) -> PredictOut:
+    return classify(svc, served_model(svc, sha), blobs, top_k)
+
+
+def classify(svc: Services, model: Batcher, blobs: list[bytes], top_k: int) -> PredictOut:
     if len(blobs) > svc.settings.max_predict_images:
         raise HTTPException(
             413,
             f"{len(blobs)} images is over the limit of {svc.settings.max_predict_images} a request",
         )
-    model = served_model(svc, sha)
     tensors = [
         decode_image(b, model.spec, svc.settings.max_image_pixels, i) for i, b in enumerate(blobs)
     ]
@@ -330,17 +333,32 @@ PREDICT_BODY = {
                 }
             },
             "application/json": {"schema": PredictIn.model_json_schema()},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 
 
 @router.post(
     "/assemblies/{ref:path}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
 )
 async def predict_post(ref: PathRef, request: Request, key: Key, svc: Svc, top_k: TopK = 3):
+    """Classify images sent as multipart `images` files, JSON `{"images": [base64]}`, or
+    one raw PNG/JPEG body (`Content-Type: image/png`, as TorchServe and KServe take)."""
     # The body is read first (its size is bounded by BodyLimitMiddleware), so that the
     # key check, the lookup, decoding and the model call take one thread-pool hop.
+    blobs, top_k = await read_images(request, svc, top_k)
+
+    def lookup_and_predict() -> PredictOut:
+        return run_predict(svc, predict_artifact(svc, key, ref), blobs, top_k)
+
+    return await run_in_threadpool(lookup_and_predict)
+
+
+async def read_images(request: Request, svc: Services, top_k: int) -> tuple[list[bytes], int]:
+    """The images of a predict request (and its top_k, which a JSON body may set)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     blobs: list[bytes] = []
     if ctype == "multipart/form-data":
@@ -363,15 +381,15 @@ async def predict_post(ref: PathRef, request: Request, key: Key, svc: Svc, top_k
             ) from None
         blobs = [b64decode_image(x, i) for i, x in enumerate(body.images)]
         top_k = body.top_k or top_k
+    elif ctype in IMAGE_TYPES:
+        blobs = [await request.body()]
     else:
         raise HTTPException(
-            415, 'send multipart/form-data with `images` files, or JSON {"images": [base64, ...]}'
+            415,
+            'send multipart/form-data with `images` files, JSON {"images": [base64, ...]}, '
+            "or one image/png or image/jpeg body",
         )
-
-    def lookup_and_predict() -> PredictOut:
-        return run_predict(svc, predict_artifact(svc, key, ref), blobs, top_k)
-
-    return await run_in_threadpool(lookup_and_predict)
+    return blobs, top_k
 
 
 # The routes below take the whole rest of the path as the assembly's reference (it may

@@ -16,6 +16,7 @@ from fastapi import (
     Response,
     UploadFile,
 )
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -23,6 +24,8 @@ from app import adapters
 from app.auth import current_owner
 from app.catalog import MAX_ID, AssemblySource, ComponentSet, Dataset, Job, Model
 from app.errors import ApiError
+from app.predict import Batcher
+from app.routers.assemblies import PREDICT_BODY, TopK, classify, read_images
 from app.routers.common import (
     IdemKey,
     Limit,
@@ -54,6 +57,7 @@ from app.schemas import (
     JobOut,
     LocateIn,
     ModelOut,
+    PredictOut,
 )
 from app.services import Services, services
 from worker.runtime import create_job
@@ -316,6 +320,28 @@ def routes_svg(
     comps = Components.load(svc.storage.require(sha))
     svg = render_routes(source, comps, indices)
     return Response(svg, media_type="image/svg+xml")
+
+
+@router.post("/models/{ref:path}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY)
+async def predict_model(
+    ref: PathRef, request: Request, owner: Owner, svc: Svc, top_k: TopK = 3
+) -> PredictOut:
+    """Classify images with a registered source model (same bodies as assembly predict)."""
+    blobs, top_k = await read_images(request, svc, top_k)
+
+    def lookup_and_predict() -> PredictOut:
+        with svc.catalog.session() as s:
+            m = resolve(s, Model, ref, owner, "model")
+            s.expunge(m)
+
+        def load() -> Batcher:
+            source = adapters.SourceClassifier(adapters.load_model(svc.storage, m))
+            return Batcher(source, svc.settings.predict_batch_size)
+
+        # Rows never change and ids are never reused: the id names the served model.
+        return classify(svc, svc.models.get(f"model:{m.id}", load), blobs, top_k)
+
+    return await run_in_threadpool(lookup_and_predict)
 
 
 # The routes below take the whole rest of the path as the model's reference (it may be

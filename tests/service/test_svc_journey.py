@@ -23,6 +23,7 @@ from service_helpers import (
 
 from app.catalog import upgrade
 from app.main import create_app
+from lego_core.spec import MNIST_SPEC
 
 pytestmark = [needs_lego(*JOURNEY_NEEDS), pytest.mark.slow]
 
@@ -43,6 +44,7 @@ def journey(tmp_path_factory, trained_lenets, mnist_small, digits):
             "ids": ids,
             "svc": app.state.services,
             "digits": digits,
+            "spec": MNIST_SPEC,
         }
     app.state.services.catalog.dispose()
 
@@ -129,6 +131,54 @@ def test_bad_predict_input(journey):
     r = http.get(url, params={"image": b64url(b"x"), "top_k": 0})
     assert r.status_code == 422
     assert http.get("/api/v1/assemblies/999/predict", params={"image": "AAAA"}).status_code == 404
+
+
+def test_raw_bodies_source_model_predict_and_v2_protocol(journey):
+    from app.predict import decode_image
+
+    http, ids, digits = journey["http"], journey["ids"], journey["digits"]
+    png = {"content-type": "image/png"}
+    r = http.post(f"/api/v1/assemblies/{ids['assembly']}/predict", content=digits["3"], headers=png)
+    assert r.status_code == 200, r.text
+    top = r.json()["predictions"][0][0]
+    # A registered source model predicts too, over its own classes.
+    r = http.post(f"/api/v1/models/{ids['a']}/predict", content=digits["3"], headers=png)
+    assert r.status_code == 200, r.text
+    assert {p["class"] for p in r.json()["predictions"][0]} <= {"0", "1", "2", "3", "4"}
+    files = [("images", (f"{d}.png", digits[d], "image/png")) for d in ("5", "9")]
+    r = http.post("/api/v1/models/lenet-5-9/predict", files=files, params={"top_k": 1})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    assert http.post("/api/v1/models/999/predict", content=b"x", headers=png).status_code == 404
+
+    # Open Inference Protocol v2, as a plain JSON client (Triton's, KServe's) sends it.
+    c = http.client
+    assert c.get("/v2/health/live").json() == {"live": True}
+    assert c.get("/v2/health/ready").json() == {"ready": True}
+    name = ids["body"]["name"]
+    meta = http.get(f"/v2/models/{name}").json()
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert meta["outputs"][0]["shape"] == [-1, 4] and meta["versions"] == ["1"]
+    assert meta["parameters"]["class_names"] == ids["names"]
+    assert http.get(f"/v2/models/{name}/ready").json()["ready"] is True
+    assert c.get(f"/v2/models/{name}").status_code == 401
+    x = decode_image(digits["3"], journey["spec"], 10**6)
+    tensor = {"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32"}
+    body = {"id": "r1", "inputs": [{**tensor, "data": x.flatten().tolist() * 2}]}
+    for url in (f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/1/infer"):
+        r = http.post(url, json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["model_name"] == name and out["model_version"] == "1" and out["id"] == "r1"
+        (probs,) = out["outputs"]
+        assert probs["name"] == "probabilities" and probs["shape"] == [2, 4]
+        first = probs["data"][:4]
+        best = max(range(4), key=first.__getitem__)
+        assert ids["names"][best] == top["class"]
+        assert abs(first[best] - top["probability"]) < 1e-4
+    bad = {"inputs": [{**tensor, "shape": [1, 3, 28, 28], "data": [0.0] * 2352}]}
+    r = http.post(f"/v2/models/{name}/infer", json=bad)
+    assert r.status_code == 400 and "shape" in r.json()["error"]
+    assert http.post("/v2/models/nothing/infer", json=body).status_code == 404
 
 
 def test_registry_lineage_versions_aliases(journey, tmp_path):
