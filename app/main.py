@@ -10,7 +10,6 @@ from fastapi import FastAPI
 from app.errors import BodyLimitMiddleware, install_handlers
 from app.metrics import MetricsMiddleware
 from app.routers import assemblies, datasets, jobs, models, system, v2
-from app.schemas import API_ERRORS
 from app.services import Services
 from app.settings import Settings, get_settings
 
@@ -44,9 +43,9 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
     app.state.catalog = svc.catalog
     install_handlers(app)
     for r in (models.router, datasets.router, assemblies.router, jobs.router):
-        app.include_router(r, responses=API_ERRORS)
+        app.include_router(r)
     app.include_router(system.router)
-    app.include_router(v2.router, responses=API_ERRORS)
+    app.include_router(v2.router)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware)
     logging.getLogger("lego").setLevel(logging.INFO)

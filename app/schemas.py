@@ -17,7 +17,9 @@ DbId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 
 
 class LocateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"dataset_id": 1, "samples_per_class": 50}}
+    )
 
     dataset_id: DbId
     samples_per_class: int | None = Field(None, ge=1, le=100_000)
@@ -57,7 +59,19 @@ class OptionsIn(BaseModel):
 
 
 class AssemblyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "name": "digits-0379",
+                "source_classes": [
+                    {"model_id": 1, "classes": ["0", 3]},
+                    {"model_id": 2, "classes": ["7", "9"]},
+                ],
+                "eval_dataset_ids": [2],
+            }
+        },
+    )
 
     source_classes: list[SourceIn] = Field(min_length=1)
     name: str | None = Field(None, max_length=200)
@@ -77,7 +91,9 @@ class AliasesIn(BaseModel):
 
 
 class PredictIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"images": ["iVBORw0KGgo..."], "top_k": 3}}
+    )
 
     images: list[str] = Field(min_length=1, description="base64 (or base64url) PNG/JPEG images")
     top_k: int | None = Field(None, ge=1, le=1000)
@@ -86,32 +102,62 @@ class PredictIn(BaseModel):
 # --------------------------------------------------------------------------- responses
 
 
-class ErrorOut(BaseModel):
-    """Every 4xx and 5xx: a message, or (request validation) a list of problems."""
+class Problem(BaseModel):
+    """Every 4xx and 5xx answer: RFC 9457 problem details (application/problem+json)."""
 
-    detail: str | list[dict[str, Any]] = Field(
-        description="what is wrong; for a request that does not fit the schema, one "
-        "{loc, msg, type} entry per problem"
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "type": "urn:model-lego:problem:not-found",
+                "title": "Not Found",
+                "status": 404,
+                "detail": "model 7 not found",
+                "code": "not-found",
+            }
+        }
     )
 
+    type: str = Field(description="urn:model-lego:problem:<code>")
+    title: str = Field(description="the HTTP status phrase")
+    status: int
+    detail: str = Field(description="what is wrong, as a sentence")
+    code: str = Field(
+        description="stable machine-readable name: not-found, validation-failed, "
+        "model-in-use, not-succeeded, job-in-progress, job-finished, idempotency-key-reused, "
+        "concurrent-update, unknown-class, invalid-model-file, invalid-dataset, invalid-image, "
+        "bad-tensor, too-large, storage-full, catalog-unavailable, broker-unavailable, ..."
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="validation-failed only: one {loc, msg, type} per problem"
+    )
+    error: str | None = Field(None, description="/v2 routes only: the detail again (v2 protocol)")
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` documenting the error statuses an operation may answer."""
-    what = {
-        400: "Body that cannot be parsed",
-        401: "Missing, malformed, unknown or revoked API key",
-        404: "Not found (or another owner's)",
-        409: "Conflicts with the resource's state",
-        413: "Body over the configured limit",
-        415: "Unsupported content type",
-        422: "Bad input, with a message naming the problem",
-        503: "A dependency (catalog database, job broker) is unavailable; try again later",
-        507: "The artifact storage is full",
+
+ERROR_TEXT = {
+    400: "A tensor that does not fit the model (v2 protocol)",
+    401: "Missing, malformed, unknown or revoked API key",
+    404: "Not found (or another owner's)",
+    409: "Conflicts with the resource's state (code names which)",
+    413: "Body over the configured limit",
+    415: "Unsupported content type",
+    422: "Bad input, with a message naming the problem",
+    503: "A dependency (catalog database, job broker) is unavailable; try again later",
+    507: "The artifact storage is full",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the error statuses an operation can answer."""
+    return {
+        c: {
+            "model": Problem,
+            "description": ERROR_TEXT[c],
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for c in codes
     }
-    return {c: {"model": ErrorOut, "description": what[c]} for c in codes}
-
-
-API_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 503, 507)
 
 
 class JobOut(BaseModel):
@@ -303,6 +349,26 @@ class SourceOut(BaseModel):
     component_set_id: int | None
 
 
+class AssemblyOptions(BaseModel):
+    scaling: str | None = Field(None, description="how branch logits were scaled")
+    form: str | None = Field(None, description="branches or padded")
+
+
+class AssemblyMetrics(BaseModel):
+    """Accuracy on the evaluation datasets (percent, as in the paper) and the size."""
+
+    model_config = ConfigDict(extra="allow")
+
+    accuracy: float | None = Field(None, description="the assembled model's accuracy (%)")
+    base_accuracy: float | None = Field(
+        None, description="mean accuracy of the source models on their own classes (%)"
+    )
+    per_class: dict[str, Any] | None = None
+    images: int | None = Field(None, description="evaluation images")
+    params: int | None = None
+    flops: int | None = None
+
+
 class AssemblyClass(BaseModel):
     """One output class of an assembly and where it comes from."""
 
@@ -327,9 +393,9 @@ class AssemblyOut(BaseModel):
     job_id: int | None
     classes: list[AssemblyClass]
     sources: list[SourceOut]
-    options: dict[str, Any]
+    options: AssemblyOptions
     eval_dataset_ids: list[int]
-    metrics: dict[str, Any] | None
+    metrics: AssemblyMetrics | None
     input_spec: dict[str, Any] | None
     artifact_sha256: str | None
     download_url: str | None

@@ -49,7 +49,7 @@ from app.routers.common import (
     set_aliases,
     unprocessable,
 )
-from app.schemas import AliasesIn, AssemblyIn, AssemblyOut, PredictIn, PredictOut
+from app.schemas import AliasesIn, AssemblyIn, AssemblyOut, PredictIn, PredictOut, errors
 from app.services import Services, services
 from worker.runtime import create_job
 from worker.tasks import locate_jobs_for, no_components_reason
@@ -74,10 +74,18 @@ def check_options(body: AssemblyIn) -> dict:
     return opts
 
 
-@router.post("/assemblies", status_code=202, response_model=AssemblyOut)
+@router.post(
+    "/assemblies",
+    responses=errors(401, 404, 409, 422, 503),
+    status_code=202,
+    response_model=AssemblyOut,
+)
 def create_assembly(
     body: AssemblyIn, owner: Owner, svc: Svc, response: Response, idempotency_key: IdemKey = None
 ):
+    """Assemble a new classifier from chosen classes of registered models, without training
+    (202: a job builds it; `Location` points at the assembly). Creating a name again adds
+    its next version. Send an `Idempotency-Key` header to make retries safe."""
     opts = check_options(body)
     if body.name is not None:
         check_name(body.name)
@@ -175,7 +183,7 @@ def assemblies_out(s, owner: str, rows: list[Assembly]) -> list[AssemblyOut]:
     return [AssemblyOut.of(a, aliases[a.id]) for a in rows]
 
 
-@router.get("/assemblies", response_model=list[AssemblyOut])
+@router.get("/assemblies", responses=errors(401, 422, 503), response_model=list[AssemblyOut])
 def list_assemblies(
     owner: Owner,
     svc: Svc,
@@ -191,6 +199,8 @@ def list_assemblies(
         int | None, Query(ge=1, le=MAX_ID, description="only those built from this model")
     ] = None,
 ):
+    """The owner's assemblies, oldest first; filters `name`, `status`, `model_id` (built from that
+    model); paged (`X-Total-Count`, `Link` rel="next")."""
     q = select(Assembly).where(Assembly.owner == owner).order_by(Assembly.id)
     if name is not None:
         q = q.where(Assembly.name == name)
@@ -256,9 +266,15 @@ def predict_artifact(svc: Services, key: str, ref: str) -> str:
 @router.get(
     "/assemblies/{ref:path}/download",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={
+        **errors(401, 404, 409, 422, 503),
+        200: {"content": {"application/octet-stream": {}}},
+    },
 )
 def download_assembly(ref: PathRef, owner: Owner, svc: Svc, request: Request):
+    """The assembled `.pt` (torch.export, loads with plain PyTorch; `lego.json` inside holds
+    class names, input spec and lineage). `ETag` is the file's sha256; `If-None-Match` with
+    it answers 304."""
     assembly_id, sha, name = finished_artifact(svc, owner, ref)
     etag = f'"{sha}"'  # the content's sha256: a strong validator
     if etag_matches(request.headers.get("if-none-match"), etag):
@@ -304,7 +320,11 @@ def classify(svc: Services, model: Batcher, blobs: list[bytes], top_k: int) -> P
     return PredictOut(predictions=predict(model, tensors, top_k))
 
 
-@router.get("/assemblies/{ref:path}/predict", response_model=PredictOut)
+@router.get(
+    "/assemblies/{ref:path}/predict",
+    responses=errors(401, 404, 409, 413, 422, 503),
+    response_model=PredictOut,
+)
 async def predict_get(
     ref: PathRef,
     key: Key,
@@ -312,6 +332,8 @@ async def predict_get(
     image: Annotated[str, Query(description="base64url PNG or JPEG")],
     top_k: TopK = 3,
 ):
+    """Classify one base64url PNG/JPEG image given in the query."""
+
     def lookup_and_predict() -> PredictOut:  # one thread-pool hop for the whole request
         sha = predict_artifact(svc, key, ref)
         return run_predict(svc, sha, [b64decode_image(image)], top_k)
@@ -342,7 +364,10 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream
 
 
 @router.post(
-    "/assemblies/{ref:path}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY
+    "/assemblies/{ref:path}/predict",
+    responses=errors(401, 404, 409, 413, 415, 422, 503),
+    response_model=PredictOut,
+    openapi_extra=PREDICT_BODY,
 )
 async def predict_post(ref: PathRef, request: Request, key: Key, svc: Svc, top_k: TopK = 3):
     """Classify images sent as multipart `images` files, JSON `{"images": [base64]}`, or
@@ -396,13 +421,19 @@ async def read_images(request: Request, svc: Services, top_k: int) -> tuple[list
 # be `name/version`), so they come after the routes with a suffix.
 
 
-@router.get("/assemblies/{ref:path}", response_model=AssemblyOut)
+@router.get(
+    "/assemblies/{ref:path}", responses=errors(401, 404, 422, 503), response_model=AssemblyOut
+)
 def get_assembly(ref: PathRef, owner: Owner, svc: Svc):
+    """One assembly version by id, `name@alias`, `name/version` or `name` (its latest): status,
+    classes and their sources (model name, version, weights sha256), metrics."""
     with svc.catalog.session() as s:
         return assemblies_out(s, owner, [resolve(s, Assembly, ref, owner, "assembly")])[0]
 
 
-@router.patch("/assemblies/{ref:path}", response_model=AssemblyOut)
+@router.patch(
+    "/assemblies/{ref:path}", responses=errors(401, 404, 409, 422, 503), response_model=AssemblyOut
+)
 def update_assembly(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
     """Sets the aliases of this version: predict and download by `name@alias` follow them."""
     with svc.catalog.session() as s:
@@ -411,8 +442,10 @@ def update_assembly(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
         return assemblies_out(s, owner, [a])[0]
 
 
-@router.delete("/assemblies/{ref:path}", status_code=204)
+@router.delete("/assemblies/{ref:path}", responses=errors(401, 404, 409, 422, 503), status_code=204)
 def delete_assembly(ref: PathRef, owner: Owner, svc: Svc):
+    """Delete an assembly version and its file (409 while its job runs). Its id and version
+    number are never given again."""
     with svc.catalog.session() as s:
         a = resolve(s, Assembly, ref, owner, "assembly")
         if a.job is not None and a.job.status in ACTIVE_STATES:

@@ -38,7 +38,7 @@ from app.routers.common import (
     save_upload,
     unprocessable,
 )
-from app.schemas import DatasetOut
+from app.schemas import DatasetOut, errors
 from app.services import Services, services
 
 router = APIRouter(prefix="/api/v1", tags=["datasets"])
@@ -82,7 +82,12 @@ def _inspect(path: Path, limits, label: str) -> dict[str, int]:
         raise DatasetError(f"archive: unreadable ({type(exc).__name__}: {exc})") from None
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetOut)
+@router.post(
+    "/datasets",
+    responses=errors(401, 404, 409, 413, 422, 503, 507),
+    status_code=201,
+    response_model=DatasetOut,
+)
 def upload_dataset(
     owner: Owner,
     svc: Svc,
@@ -96,6 +101,8 @@ def upload_dataset(
     ] = None,
     idempotency_key: IdemKey = None,
 ):
+    """Upload an ImageFolder archive (tar, tar.gz or zip of class folders), or name one under
+    LEGO_DATA_DIR with `path`. Send an `Idempotency-Key` header to make retries safe."""
     if (archive is None) == (path is None):
         raise unprocessable("send either an `archive` file or a server-side `path`")
     storage = svc.storage
@@ -152,7 +159,7 @@ def upload_dataset(
         raise
 
 
-@router.get("/datasets", response_model=list[DatasetOut])
+@router.get("/datasets", responses=errors(401, 422, 503), response_model=list[DatasetOut])
 def list_datasets(
     owner: Owner,
     svc: Svc,
@@ -162,6 +169,7 @@ def list_datasets(
     offset: Offset = 0,
     name: Annotated[str | None, Query(max_length=200, description="only this name")] = None,
 ):
+    """The owner's datasets, oldest first (paged: `X-Total-Count`, `Link` rel="next")."""
     q = select(Dataset).where(Dataset.owner == owner).order_by(Dataset.id)
     if name is not None:
         q = q.where(Dataset.name == name)
@@ -169,14 +177,18 @@ def list_datasets(
         return [DatasetOut.of(d) for d in page(s, q, request, response, limit, offset)]
 
 
-@router.get("/datasets/{dataset_id}", response_model=DatasetOut)
+@router.get(
+    "/datasets/{dataset_id}", responses=errors(401, 404, 422, 503), response_model=DatasetOut
+)
 def get_dataset(dataset_id: PathId, owner: Owner, svc: Svc):
+    """One dataset: its classes and image counts."""
     with svc.catalog.session() as s:
         return DatasetOut.of(owned(s, Dataset, dataset_id, owner, "dataset"))
 
 
-@router.delete("/datasets/{dataset_id}", status_code=204)
+@router.delete("/datasets/{dataset_id}", responses=errors(401, 404, 409, 422, 503), status_code=204)
 def delete_dataset(dataset_id: PathId, owner: Owner, svc: Svc):
+    """Delete a dataset and its archive (409 while components, an assembly or a job use it)."""
     with svc.catalog.session() as s:
         d = owned(s, Dataset, dataset_id, owner, "dataset")
         if s.scalar(select(ComponentSet.id).where(ComponentSet.dataset_id == d.id).limit(1)):

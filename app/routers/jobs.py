@@ -11,7 +11,7 @@ from app.auth import current_owner
 from app.catalog import JOB_STATES, Job
 from app.errors import ApiError
 from app.routers.common import Limit, Offset, PathId, owned, page
-from app.schemas import JobOut
+from app.schemas import JobOut, errors
 from app.services import Services, services
 from worker.runtime import request_cancel
 
@@ -20,7 +20,7 @@ Owner = Annotated[str, Depends(current_owner)]
 Svc = Annotated[Services, Depends(services)]
 
 
-@router.get("/jobs", response_model=list[JobOut])
+@router.get("/jobs", responses=errors(401, 422, 503), response_model=list[JobOut])
 def list_jobs(
     owner: Owner,
     svc: Svc,
@@ -41,8 +41,9 @@ def list_jobs(
         return [JobOut.of(j) for j in page(s, q, request, response, limit, offset)]
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", responses=errors(401, 404, 422, 503), response_model=JobOut)
 def get_job(job_id: PathId, owner: Owner, svc: Svc):
+    """One job: status, progress, message, timestamps, error or result."""
     with svc.catalog.session() as s:
         return JobOut.of(owned(s, Job, job_id, owner, "job"))
 
@@ -50,7 +51,10 @@ def get_job(job_id: PathId, owner: Owner, svc: Svc):
 @router.post(
     "/jobs/{job_id}/cancel",
     response_model=JobOut,
-    responses={202: {"model": JobOut, "description": "running: it stops at its next step"}},
+    responses={
+        **errors(401, 404, 409, 422, 503),
+        202: {"model": JobOut, "description": "running: it stops at its next step"},
+    },
 )
 def cancel_job(job_id: PathId, owner: Owner, svc: Svc, response: Response):
     """Cancel a job. A queued job ends `cancelled` at once (200); a running one is asked
@@ -69,7 +73,12 @@ def cancel_job(job_id: PathId, owner: Owner, svc: Svc, response: Response):
         return JobOut.of(j)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobOut, include_in_schema=True)
+@router.delete(
+    "/jobs/{job_id}",
+    responses=errors(401, 404, 409, 422, 503),
+    response_model=JobOut,
+    include_in_schema=True,
+)
 def delete_job(job_id: PathId, owner: Owner, svc: Svc, response: Response):
     """Same as `POST /jobs/{job_id}/cancel` (jobs are kept as a record)."""
     return cancel_job(job_id, owner, svc, response)

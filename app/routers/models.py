@@ -58,6 +58,7 @@ from app.schemas import (
     LocateIn,
     ModelOut,
     PredictOut,
+    errors,
 )
 from app.services import Services, services
 from worker.runtime import create_job
@@ -120,7 +121,12 @@ def start_locate(svc: Services, s, owner: str, m: Model, ds: Dataset, body: Loca
     return create_job(s, owner, "locate", payload, svc.settings.job_max_attempts)
 
 
-@router.post("/models", status_code=201, response_model=ModelOut)
+@router.post(
+    "/models",
+    responses=errors(401, 409, 413, 422, 503, 507),
+    status_code=201,
+    response_model=ModelOut,
+)
 def register_model(
     owner: Owner,
     svc: Svc,
@@ -137,6 +143,10 @@ def register_model(
     ] = None,
     idempotency_key: IdemKey = None,
 ):
+    """Register a trained classifier: a state_dict of a registry architecture, a torch.export
+    ExportedProgram or a TorchScript file (never unpickled). Registering a name again adds
+    its next version. `dataset_id` starts locating its components at once. Send an
+    `Idempotency-Key` header to make retries safe."""
     check_name(name)
     names = parse_class_names(class_names)
     spec = adapters.parse_input_spec(parse_json_field(input_spec, "input_spec"))
@@ -213,7 +223,7 @@ def register_model(
     return out
 
 
-@router.get("/models", response_model=list[ModelOut])
+@router.get("/models", responses=errors(401, 422, 503), response_model=list[ModelOut])
 def list_models(
     owner: Owner,
     svc: Svc,
@@ -224,6 +234,8 @@ def list_models(
     name: Annotated[str | None, Query(max_length=200, description="only this name")] = None,
     arch: Annotated[str | None, Query(max_length=64, description="only this arch")] = None,
 ):
+    """The owner's models (every version), oldest first; `X-Total-Count` gives the total and
+    `Link: <...>; rel="next"` the next page."""
     q = select(Model).where(Model.owner == owner).order_by(Model.id)
     if name is not None:
         q = q.where(Model.name == name)
@@ -233,7 +245,12 @@ def list_models(
         return models_out(s, owner, page(s, q, request, response, limit, offset))
 
 
-@router.post("/models/{ref:path}/locate", status_code=202, response_model=Accepted)
+@router.post(
+    "/models/{ref:path}/locate",
+    responses=errors(401, 404, 422, 503),
+    status_code=202,
+    response_model=Accepted,
+)
 def locate_components(
     ref: PathRef,
     body: LocateIn,
@@ -242,6 +259,8 @@ def locate_components(
     response: Response,
     idempotency_key: IdemKey = None,
 ):
+    """Start a job that locates every class's component on a dataset (202 with the job;
+    `Location` points at it)."""
     fp = fingerprint(ref, body.model_dump(mode="json"))
     with svc.catalog.session() as s:
         earlier = replayed(s, owner, "locate", idempotency_key, fp)
@@ -260,8 +279,14 @@ def locate_components(
     return out
 
 
-@router.get("/models/{ref:path}/components", response_model=ComponentsOut)
+@router.get(
+    "/models/{ref:path}/components",
+    responses=errors(401, 404, 422, 503),
+    response_model=ComponentsOut,
+)
 def list_components(ref: PathRef, owner: Owner, svc: Svc):
+    """The located components: per class, the kept/total channels of each layer, params and
+    FLOPs, from the latest set; every set; jobs still locating."""
     with svc.catalog.session() as s:
         m = resolve(s, Model, ref, owner, "model")
         sets = []
@@ -280,7 +305,7 @@ def list_components(ref: PathRef, owner: Owner, svc: Svc):
 @router.get(
     "/models/{ref:path}/routes.svg",
     response_class=Response,
-    responses={200: {"content": {"image/svg+xml": {}}}},
+    responses={**errors(401, 404, 409, 422, 503), 200: {"content": {"image/svg+xml": {}}}},
 )
 def routes_svg(
     ref: PathRef,
@@ -291,6 +316,7 @@ def routes_svg(
     ] = None,
     component_set_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ):
+    """An SVG of the classes' routes through the network (needs located components)."""
     with svc.catalog.session() as s:
         m = resolve(s, Model, ref, owner, "model")
         if component_set_id is not None:
@@ -322,7 +348,12 @@ def routes_svg(
     return Response(svg, media_type="image/svg+xml")
 
 
-@router.post("/models/{ref:path}/predict", response_model=PredictOut, openapi_extra=PREDICT_BODY)
+@router.post(
+    "/models/{ref:path}/predict",
+    responses=errors(401, 404, 413, 415, 422, 503),
+    response_model=PredictOut,
+    openapi_extra=PREDICT_BODY,
+)
 async def predict_model(
     ref: PathRef, request: Request, owner: Owner, svc: Svc, top_k: TopK = 3
 ) -> PredictOut:
@@ -348,13 +379,17 @@ async def predict_model(
 # `name/version`), so they come after the routes with a suffix.
 
 
-@router.get("/models/{ref:path}", response_model=ModelOut)
+@router.get("/models/{ref:path}", responses=errors(401, 404, 422, 503), response_model=ModelOut)
 def get_model(ref: PathRef, owner: Owner, svc: Svc):
+    """One model version by id, `name@alias`, `name/version` or `name` (its latest version),
+    with its aliases and the assemblies that use it (`used_by`)."""
     with svc.catalog.session() as s:
         return models_out(s, owner, [resolve(s, Model, ref, owner, "model")])[0]
 
 
-@router.patch("/models/{ref:path}", response_model=ModelOut)
+@router.patch(
+    "/models/{ref:path}", responses=errors(401, 404, 409, 422, 503), response_model=ModelOut
+)
 def update_model(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
     """Sets the aliases of this version; `GET /models/{name}@{alias}` then finds it."""
     with svc.catalog.session() as s:
@@ -363,8 +398,10 @@ def update_model(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
         return models_out(s, owner, [m])[0]
 
 
-@router.delete("/models/{ref:path}", status_code=204)
+@router.delete("/models/{ref:path}", responses=errors(401, 404, 409, 422, 503), status_code=204)
 def delete_model(ref: PathRef, owner: Owner, svc: Svc):
+    """Delete a model version, its components and their files (409 while an assembly uses it or
+    a locate job runs). Its id and version number are never given again."""
     with svc.catalog.session() as s:
         m = resolve(s, Model, ref, owner, "model")
         users = s.scalars(

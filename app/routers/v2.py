@@ -24,6 +24,7 @@ from app.errors import ApiError
 from app.routers.assemblies import check_finished, served_model
 from app.routers.common import resolve
 from app.routers.system import _checks
+from app.schemas import errors
 from app.services import Services, services
 
 router = APIRouter(prefix="/v2", tags=["inference protocol v2"])
@@ -144,25 +145,32 @@ def _metadata(svc: Services, owner: str, name: str, version: str | None) -> Mode
     )
 
 
-@router.get("/models/{name}", response_model=ModelMeta)
+@router.get("/models/{name}", responses=errors(401, 404, 409, 422, 503), response_model=ModelMeta)
 def model_metadata(name: Name, owner: Owner, svc: Svc):
+    """Model metadata (v2): input and output tensors, versions, class names."""
     return _metadata(svc, owner, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelMeta)
+@router.get(
+    "/models/{name}/versions/{version}",
+    responses=errors(401, 404, 409, 422, 503),
+    response_model=ModelMeta,
+)
 def model_version_metadata(name: Name, version: Version, owner: Owner, svc: Svc):
+    """Model metadata (v2) of one version."""
     return _metadata(svc, owner, name, version)
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", responses=errors(401, 404, 409, 422, 503))
 def model_ready(name: Name, owner: Owner, svc: Svc):
     """Ready when the assembly succeeded (404 when there is none, 409 while it builds)."""
     a, _ = _assembly(svc, owner, name, None)
     return {"name": a.name, "ready": True}
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", responses=errors(401, 404, 409, 422, 503))
 def model_version_ready(name: Name, version: Version, owner: Owner, svc: Svc):
+    """Ready when this version succeeded."""
     a, _ = _assembly(svc, owner, name, version)
     return {"name": a.name, "version": str(a.version), "ready": True}
 
@@ -208,15 +216,23 @@ def _infer(svc: Services, owner: str, name: str, version: str | None, body: Infe
     )
 
 
-@router.post("/models/{name}/infer", response_model=InferOut, response_model_exclude_none=True)
+@router.post(
+    "/models/{name}/infer",
+    responses=errors(400, 401, 404, 409, 413, 422, 503),
+    response_model=InferOut,
+    response_model_exclude_none=True,
+)
 async def infer(name: Name, body: InferIn, owner: Owner, svc: Svc):
+    """Inference (v2): FP32 input [B, C, H, W] in [0, 1] -> `probabilities` FP32 [B, classes]."""
     return await run_in_threadpool(_infer, svc, owner, name, None, body)
 
 
 @router.post(
     "/models/{name}/versions/{version}/infer",
+    responses=errors(400, 401, 404, 409, 413, 422, 503),
     response_model=InferOut,
     response_model_exclude_none=True,
 )
 async def infer_version(name: Name, version: Version, body: InferIn, owner: Owner, svc: Svc):
+    """Inference (v2) with one version."""
     return await run_in_threadpool(_infer, svc, owner, name, version, body)

@@ -171,3 +171,29 @@ def test_every_error_is_a_problem_details_document(api):
         ("body", "source_classes", 0, "model_id"),
         ("body", "source_classes", 0, "classes"),
     }
+
+
+def test_openapi_documents_each_operation_and_its_own_errors(api):
+    doc = api.client.get("/openapi.json").json()
+    ops = [
+        (path, method, op)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if path.startswith(("/api/v1", "/v2/models"))
+    ]
+    assert len(ops) > 25
+    for path, method, op in ops:
+        assert op.get("tags") and op.get("description"), (method, path)
+        assert "401" in op["responses"], (method, path)
+    responses = {(p, m): set(op["responses"]) for p, m, op in ops}
+    assert responses[("/api/v1/models", "get")] == {"200", "401", "422", "503"}
+    assert {"413", "507"} <= responses[("/api/v1/models", "post")]
+    assert "404" not in responses[("/api/v1/models", "post")]
+    assert "415" in responses[("/api/v1/assemblies/{ref}/predict", "post")]
+    problem = doc["components"]["schemas"]["Problem"]
+    assert {"type", "title", "status", "detail", "code"} <= set(problem["required"])
+    out = doc["components"]["schemas"]["AssemblyOut"]["properties"]
+    assert out["options"] == {"$ref": "#/components/schemas/AssemblyOptions"}
+    assert out["classes"]["items"] == {"$ref": "#/components/schemas/AssemblyClass"}
+    assert "AssemblyMetrics" in str(out["metrics"])
+    assert "example" in doc["components"]["schemas"]["AssemblyIn"]
