@@ -197,3 +197,70 @@ def test_openapi_documents_each_operation_and_its_own_errors(api):
     assert out["classes"]["items"] == {"$ref": "#/components/schemas/AssemblyClass"}
     assert "AssemblyMetrics" in str(out["metrics"])
     assert "example" in doc["components"]["schemas"]["AssemblyIn"]
+
+
+def test_readyz_reports_whether_a_worker_is_alive(tmp_path, redis_url, capsys):
+    """Full stack: /readyz is 503 until a worker's beacon is in Redis, and `lego workers`
+    (the worker container's healthcheck) says the same."""
+    from worker.beacon import Beacon, this_host
+
+    settings = make_settings(tmp_path, broker_url=redis_url)
+    upgrade(settings.resolved_database_url)
+    with TestClient(create_app(settings, background=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["broker"]["ok"] is True
+        assert "no worker is alive" in r.json()["checks"]["workers"]["detail"]
+        beacon = Beacon(settings).start()
+        try:
+            r = c.get("/readyz")
+            assert r.status_code == 200, r.text
+            assert r.json()["checks"]["workers"]["alive"] == [beacon.key.split(":", 2)[2]]
+        finally:
+            beacon.stop()
+    env = {"LEGO_BROKER_URL": redis_url, "LEGO_VAR_DIR": str(tmp_path)}
+    with _env(env):
+        assert main(["workers", "--this-host"]) == 0
+        assert this_host() in capsys.readouterr().out
+
+
+def test_cli_uses_the_checkouts_catalog_from_any_folder(tmp_path, monkeypatch, capsys):
+    """`lego keys create` run elsewhere writes to the catalog `make run` serves (var/ of
+    the checkout, not ./var), and says which catalog it wrote to."""
+    from pathlib import Path
+
+    from app.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LEGO_VAR_DIR", raising=False)
+    monkeypatch.delenv("LEGO_DATABASE_URL", raising=False)
+    checkout = Path(__file__).resolve().parents[2]
+    assert Settings().resolved_database_url == f"sqlite:///{checkout / 'var' / 'lego.db'}"
+    with _env({"LEGO_VAR_DIR": str(tmp_path / "elsewhere")}):
+        assert main(["keys", "create", "dave"]) == 0
+    err = capsys.readouterr().err
+    assert f"in catalog sqlite:///{tmp_path / 'elsewhere' / 'lego.db'}" in err
+    assert not (tmp_path / "var").exists()
+
+
+def _env(values: dict):
+    import contextlib
+    import os
+
+    from app.settings import get_settings
+
+    @contextlib.contextmanager
+    def cm():
+        old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            get_settings.cache_clear()
+
+    return cm()
