@@ -113,9 +113,10 @@ def server_metadata(request: Request):
 
 
 def _assembly(svc: Services, owner: str, name: str, version: str | None) -> tuple[Assembly, str]:
-    ref = f"{name}/{version}" if version is not None else name
     with svc.catalog.session() as s:
-        a = resolve(s, Assembly, ref, owner, "assembly")
+        a = resolve(s, Assembly, name, owner, "assembly")  # a name, id or name@alias
+        if version is not None and a.version != int(version):
+            a = resolve(s, Assembly, f"{a.name}/{int(version)}", owner, "assembly")
         sha = check_finished(a.id, a.job.status if a.job else None, a.artifact_sha256)
         versions = [
             str(v)
