@@ -37,17 +37,19 @@ PathRef = Annotated[
     PathParam(
         min_length=1,
         max_length=320,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
         description="id (`12`), `name@alias`, `name/version` or `name` (its latest version)",
         examples=["12", "digits@champion", "digits/2"],
     ),
 ]
-NAME_RULE = "a name must not contain '/' or '@' and must not be only digits"
+NAME_RULE = "a name must not contain '/', '@' or control characters and must not be only digits"
 ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
 
 
 def check_name(name: str) -> str:
     """422 for a name that `PathRef` could not tell apart from an id or a version."""
-    if "/" in name or "@" in name or name.strip().isdigit() or not name.strip():
+    control = any(ord(c) < 32 or ord(c) == 127 for c in name)
+    if "/" in name or "@" in name or name.strip().isdigit() or not name.strip() or control:
         raise unprocessable(f"name {name!r}: {NAME_RULE}")
     return name
 
