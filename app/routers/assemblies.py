@@ -269,6 +269,7 @@ def predict_artifact(svc: Services, key: str, ref: str) -> str:
     responses={
         **errors(401, 404, 409, 422, 503),
         200: {"content": {"application/octet-stream": {}}},
+        304: {"description": "Not Modified: If-None-Match named the file's ETag (sha256)"},
     },
 )
 def download_assembly(ref: PathRef, owner: Owner, svc: Svc, request: Request):
