@@ -134,7 +134,7 @@ class Problem(BaseModel):
 
 
 ERROR_TEXT = {
-    400: "A tensor that does not fit the model (v2 protocol)",
+    400: "A body that cannot be parsed (v2 protocol: a tensor that does not fit the model)",
     401: "Missing, malformed, unknown or revoked API key",
     404: "Not found (or another owner's)",
     409: "Conflicts with the resource's state (code names which)",

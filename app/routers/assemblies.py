@@ -76,7 +76,7 @@ def check_options(body: AssemblyIn) -> dict:
 
 @router.post(
     "/assemblies",
-    responses=errors(401, 404, 409, 422, 503),
+    responses=errors(400, 401, 404, 409, 422, 503),
     status_code=202,
     response_model=AssemblyOut,
 )
@@ -366,7 +366,7 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream
 
 @router.post(
     "/assemblies/{ref:path}/predict",
-    responses=errors(401, 404, 409, 413, 415, 422, 503),
+    responses=errors(400, 401, 404, 409, 413, 415, 422, 503),
     response_model=PredictOut,
     openapi_extra=PREDICT_BODY,
 )
@@ -433,7 +433,9 @@ def get_assembly(ref: PathRef, owner: Owner, svc: Svc):
 
 
 @router.patch(
-    "/assemblies/{ref:path}", responses=errors(401, 404, 409, 422, 503), response_model=AssemblyOut
+    "/assemblies/{ref:path}",
+    responses=errors(400, 401, 404, 409, 422, 503),
+    response_model=AssemblyOut,
 )
 def update_assembly(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
     """Sets the aliases of this version: predict and download by `name@alias` follow them."""

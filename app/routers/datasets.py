@@ -84,7 +84,7 @@ def _inspect(path: Path, limits, label: str) -> dict[str, int]:
 
 @router.post(
     "/datasets",
-    responses=errors(401, 404, 409, 413, 422, 503, 507),
+    responses=errors(400, 401, 404, 409, 413, 422, 503, 507),
     status_code=201,
     response_model=DatasetOut,
 )

@@ -123,7 +123,7 @@ def start_locate(svc: Services, s, owner: str, m: Model, ds: Dataset, body: Loca
 
 @router.post(
     "/models",
-    responses=errors(401, 409, 413, 422, 503, 507),
+    responses=errors(400, 401, 409, 413, 422, 503, 507),
     status_code=201,
     response_model=ModelOut,
 )
@@ -247,7 +247,7 @@ def list_models(
 
 @router.post(
     "/models/{ref:path}/locate",
-    responses=errors(401, 404, 422, 503),
+    responses=errors(400, 401, 404, 422, 503),
     status_code=202,
     response_model=Accepted,
 )
@@ -350,7 +350,7 @@ def routes_svg(
 
 @router.post(
     "/models/{ref:path}/predict",
-    responses=errors(401, 404, 413, 415, 422, 503),
+    responses=errors(400, 401, 404, 413, 415, 422, 503),
     response_model=PredictOut,
     openapi_extra=PREDICT_BODY,
 )
@@ -388,7 +388,7 @@ def get_model(ref: PathRef, owner: Owner, svc: Svc):
 
 
 @router.patch(
-    "/models/{ref:path}", responses=errors(401, 404, 409, 422, 503), response_model=ModelOut
+    "/models/{ref:path}", responses=errors(400, 401, 404, 409, 422, 503), response_model=ModelOut
 )
 def update_model(ref: PathRef, body: AliasesIn, owner: Owner, svc: Svc):
     """Sets the aliases of this version; `GET /models/{name}@{alias}` then finds it."""
