@@ -1,7 +1,13 @@
-# One image for the API (`lego serve`) and the workers (`lego worker`).
-#   docker build -t model-lego .
+# One image for the API (`lego serve`) and the workers (`lego worker`), with CPU or
+# CUDA torch:
+#   docker build -t model-lego .                                 CPU torch (default)
+#   docker build --build-arg TORCH=gpu -t model-lego:gpu .       CUDA torch (GPU workers)
 #   docker compose up            (see docker-compose.yml and docs/service.md)
-FROM python:3.11-slim
+#   docker compose --profile gpu up     (also a GPU worker)
+# TORCH names the stage torch-cpu or torch-gpu below.
+ARG TORCH=cpu
+
+FROM python:3.11-slim AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -13,9 +19,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# CPU wheels of torch (a worker with a GPU uses an image built FROM a CUDA base
-# with the matching torch wheels; the code picks the GPU when it sees one).
+# CPU-only wheels of torch: a much smaller image for the API and CPU workers.
+FROM base AS torch-cpu
 RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
+
+# PyPI's Linux wheels of torch carry CUDA (the nvidia-* wheels they depend on), so no
+# CUDA base image is needed: the host needs the NVIDIA driver and container toolkit.
+FROM base AS torch-gpu
+RUN pip install torch==2.14.1 torchvision==0.29.1
+
+FROM torch-${TORCH} AS runtime
 
 # The project's pinned dependencies, as their own layer (torch is already there).
 COPY pyproject.toml ./

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test soak lint format clean reproduce bench
+.PHONY: install run test soak lint format clean reproduce bench gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -42,6 +42,12 @@ reproduce: $(STAMP)
 # BENCH_ARGS="--quick" for a smaller run, BENCH_ARGS="--figures 1,3" for some).
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Contributions, locate, assemble and predict on CUDA against the CPU: masks identical,
+# logits within 1e-4, with the timings (bench/gpu_check.py). Not a test: without CUDA
+# it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

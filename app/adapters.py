@@ -142,11 +142,11 @@ def export(assembled, path: Path) -> None:
         export_model(assembled, path)
 
 
-def load_classifier(path: Path):
+def load_classifier(path: Path, device: str = "cpu"):
     from lego_core import load_exported
 
     with EXPORT_LOCK:
-        return load_exported(path)
+        return load_exported(path, device=device)
 
 
 def load_dataset(

@@ -62,6 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_queues(args: argparse.Namespace, settings: Settings) -> str:
+    """The queues `lego worker` consumes: --queues, else LEGO_WORKER_QUEUES, else the CPU queue."""
+    return args.queues or settings.worker_queues or settings.cpu_queue
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     if settings.embedded_broker:
@@ -88,7 +93,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "worker",
         f"--loglevel={args.loglevel}",
         f"--concurrency={args.concurrency or settings.worker_concurrency}",
-        f"--queues={args.queues or settings.worker_queues}",
+        f"--queues={worker_queues(args, settings)}",
         f"--pool={args.pool}",
         f"--hostname=lego-{os.getpid()}@%h",
         "--without-gossip",
@@ -189,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="jobs run at once (default LEGO_WORKER_CONCURRENCY)",
     )
-    w.add_argument("--queues", default=None, help="comma-separated (default LEGO_WORKER_QUEUES)")
+    w.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated (default LEGO_WORKER_QUEUES, else LEGO_CPU_QUEUE)",
+    )
     w.add_argument(
         "--pool",
         default="prefork",

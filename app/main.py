@@ -12,6 +12,7 @@ from app.metrics import MetricsMiddleware
 from app.routers import assemblies, datasets, jobs, models, system, v2
 from app.services import Services
 from app.settings import Settings, get_settings
+from app.web import install_web
 
 
 def create_app(settings: Settings | None = None, background: bool = True) -> FastAPI:
@@ -38,10 +39,13 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
         "assemble new classifiers from chosen classes, without training. "
         "Authenticate with `Authorization: Bearer <key>` (`lego keys create NAME`).",
         lifespan=lifespan,
+        docs_url=None,  # served offline by app.web
+        redoc_url=None,
     )
     app.state.services = svc
     app.state.catalog = svc.catalog
     install_handlers(app)
+    install_web(app)  # first: its /models/{ref:path}/size must precede /models/{ref:path}
     for r in (models.router, datasets.router, assemblies.router, jobs.router):
         app.include_router(r)
     app.include_router(system.router)

@@ -54,8 +54,24 @@ class SourceIn(BaseModel):
 class OptionsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    scaling: str | None = None
+    scaling: str | None = Field(
+        None,
+        description="gaussian (default: a decision stage on the components' features), "
+        "discriminant, calibrated, reference or none",
+    )
     form: str | None = Field(None, description="branches or padded")
+    compensate: bool | None = Field(
+        None,
+        description="fold removed channels' mean contribution into biases at disassembly "
+        "(default true)",
+    )
+    calibration_per_class: int | None = Field(
+        None,
+        ge=1,
+        le=5000,
+        description="images per class of each part's locating dataset used to fit scaling "
+        "and the decision stage (default: the server's setting)",
+    )
 
 
 class AssemblyIn(BaseModel):

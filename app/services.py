@@ -94,9 +94,10 @@ class Services:
             return ok, "embedded runner " + ("running" if ok else "not running")
         from worker.celery_app import client
 
-        queue = self.settings.worker_queues.split(",")[0].strip() or "lego"
         try:
-            with client(self.settings.broker_url, queue).connection_for_write() as conn:
+            with client(
+                self.settings.broker_url, self.settings.cpu_queue
+            ).connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=3)
             return True, "reachable"
         except Exception as exc:

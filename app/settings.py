@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lego_core.assemble import DEFAULT_CALIBRATION_PER_CLASS
+
 MiB = 1024 * 1024
 
 
@@ -72,15 +74,33 @@ class Settings(BaseSettings):
         "by the reaper (what a job that died between storing and recording left behind).",
     )
     runner_poll_s: float = 1.0
-    worker_queues: str = "lego"
+    cpu_queue: str = Field("lego", description="Celery queue of the CPU workers.")
+    gpu_queue: str = Field(
+        "lego-gpu",
+        description="Celery queue of the GPU workers: jobs go there while a worker consumes it.",
+    )
+    gpu_probe_ttl_s: float = Field(
+        15.0, description="How long the API reuses its look at whether a GPU worker is up."
+    )
+    worker_queues: str = Field("", description="Queues `lego worker` consumes; empty: cpu_queue.")
+    locate_shard_rows: int = Field(
+        50_000,
+        description="Full stack: a locate job over more dataset rows than this is split into "
+        "shard tasks of about this many rows over the workers (0: never split).",
+    )
     worker_concurrency: int = 1
-    device: str = Field("auto", description="auto (cuda when present), cpu or cuda.")
+    device: str = Field(
+        "auto", description="auto (cuda when present), cpu or cuda: jobs and predict run there."
+    )
     debug_job_delay_s: float = Field(
         0.0, description="Testing only: a job sleeps this long (heartbeating) before its work."
     )
 
     calibration_per_class: int = Field(
-        200, description="Images per class an assembly uses for scaling, besides the located ones."
+        DEFAULT_CALIBRATION_PER_CLASS,
+        ge=1,
+        description="Images per class of each part's locating dataset that an assembly uses "
+        "to fit its scaling and decision stage.",
     )
 
     # Predict.

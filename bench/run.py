@@ -1,7 +1,7 @@
 """`make bench`: measure every figure against its baseline, write the results.
 
-    python -m bench.run [--quick] [--figures 1,2,3,4,5] [--device auto|cpu|cuda]
-                        [--fig1-samples N] [--out DIR]
+    python -m bench.run [--quick] [--figures 1,2,3,4,5,6] [--device auto|cpu|cuda]
+                        [--fig1-samples N] [--out DIR] [--keep]
 
 Writes DIR/RESULTS.md and DIR/results.json (CPU), and with CUDA also
 DIR/RESULTS-gpu.md and DIR/results-gpu.json (figures 1-3 on the GPU), and prints
@@ -22,7 +22,7 @@ import torch
 
 from bench.common import REPO, Config, FigureResult, Row, fmt_value, machine_info, not_measured
 
-ALL = ("1", "2", "3", "4", "5")
+ALL = ("1", "2", "3", "4", "5", "6")
 GPU_FIGURES = ("1", "2", "3")
 TITLES = {
     "1": "Relative-contribution pass: project vs the reference formulation",
@@ -30,6 +30,7 @@ TITLES = {
     "3": "Assembled model: branches and padded forms vs the components one after another",
     "4": "Serving over HTTP (embedded default) vs the model in-process",
     "5": "Jobs: POST /assemblies -> succeeded vs the same lego_core calls",
+    "6": "Assembled model exported to ONNX: ONNX Runtime vs eager torch",
 }
 GOALS = {
     "1": "time >= 10x lower (32x32), >= 20x lower (64x64); peak memory >= 10x lower",
@@ -37,6 +38,7 @@ GOALS = {
     "3": "branches FLOPs within 1%; branches latency <= 1.1x",
     "4": "p50 added < 5 ms (LeNet); 32-client throughput >= 0.5x in-process (vgg16_bn)",
     "5": "overhead < 1 s",
+    "6": "report",
 }
 
 
@@ -61,6 +63,10 @@ def run_figure(fig: str, cfg: Config, figures: set[str]) -> dict[str, FigureResu
             from bench import assembly
 
             res = assembly.run(cfg)
+        elif fig == "6":
+            from bench import onnx_runtime
+
+            res = onnx_runtime.run(cfg)
         else:
             from bench import service
 
@@ -144,6 +150,10 @@ def write_results(
         "ratios come from baseline and project run alternately in the same process.",
         f"- run time: {info['run_seconds'] / 60:.1f} min"
         + (" (`--quick`: smaller sizes, fewer rounds)" if info.get("quick") else ""),
+        *[
+            f"- figure {f}: kept from the run of {when} (`--keep`), not measured again"
+            for f, when in sorted(info.get("kept", {}).items())
+        ],
         "",
         "## Results",
         "",
@@ -155,7 +165,7 @@ def write_results(
         'figure 1 baseline / project ("x lower"); figure 2 project / floor; figure 3 '
         "project / sequential components; figure 4 added latency (p50 over HTTP minus p50 "
         "in-process) and throughput over HTTP / in-process; figure 5 service time minus "
-        "direct time.",
+        "direct time; figure 6 eager torch / ONNX Runtime.",
         "",
         "## Notes",
         "",
@@ -199,6 +209,29 @@ def write_results(
     return md_path, json_path
 
 
+def kept_results(path: Path, measured: set[str]) -> dict[str, FigureResult]:
+    """The figures of an earlier run (its results*.json) that this run does not measure."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    when = f"{old['machine']['date']}, git {old['machine']['git']}"
+    out: dict[str, FigureResult] = {}
+    for row in old["rows"]:
+        fig = row["figure"]
+        if fig in measured or row["status"] != "measured":
+            continue
+        res = out.setdefault(
+            fig,
+            FigureResult(
+                notes=list(old["notes"].get(fig, [])),
+                closing=list(old["closing"].get(fig, [])),
+                data={"kept_from": when, "seconds": old["figure_seconds"].get(fig)},
+            ),
+        )
+        res.rows.append(Row(**row))
+    return out
+
+
 def _load(v) -> str:
     return ", ".join(f"{x:.1f}" for x in v)
 
@@ -230,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads in every process of the run (0: torch's default); see README",
     )
     p.add_argument("--out", default=str(REPO / "bench"), help="where RESULTS*.md go")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="figures not selected keep their rows from the last run's results*.json in --out",
+    )
     args = p.parse_args(argv)
     figures = {f.strip() for f in args.figures.split(",") if f.strip()}
     unknown = figures - set(ALL)
@@ -264,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         for fig in figs:
             if fig not in results:
                 results.update(run_figure(fig, cfg, set(figs)))
-        for fig in sorted(set(ALL) - set(figs)):
+        kept = kept_results(out / f"results{suffix}.json", set(figs)) if args.keep else {}
+        results.update(kept)
+        if kept:
+            info["kept"] = {f: r.data["kept_from"] for f, r in kept.items()}
+        for fig in sorted(set(ALL) - set(figs) - set(kept)):
             if device == "cpu" or fig in GPU_FIGURES:
                 results[fig] = FigureResult(
                     rows=[not_measured(fig, TITLES[fig], GOALS[fig], "not selected (--figures)")]

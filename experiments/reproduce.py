@@ -41,6 +41,7 @@ from lego_core import (
     REFERENCE_ALPHA,
     REFERENCE_BETA,
     SCALING_METHODS,
+    Components,
     ImageFolderData,
     Part,
     accuracy_on,
@@ -50,7 +51,19 @@ from lego_core import (
     evaluate_assembly,
     full_component,
 )
-from lego_core.assemble import InputAdapter, LogitMixer
+from lego_core.assemble import (
+    DEFAULT_CALIBRATION_PER_CLASS,
+    InputAdapter,
+    decision_rows,
+    to_raw,
+)
+from lego_core.decide import (
+    DECISION_RULES,
+    combine,
+    fit_gaussian_discriminant,
+    flat_features,
+    part_index,
+)
 from lego_core.errors import IncompatibleComponentsError
 from lego_core.locate import contribution_sums, masks_from_sums, sample_order
 
@@ -59,6 +72,9 @@ H1, H2 = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 
 PLANS = [
     ModelPlan("lenet_mnist", "lenet", "mnist", ALL, seed=0, epochs=2),
+    ModelPlan("lenet_m1", "lenet", "mnist", H1, seed=1, epochs=2),
+    ModelPlan("lenet_m2", "lenet", "mnist", H2, seed=2, epochs=2),
+    ModelPlan("resnet_m2", "resnet_small", "mnist", H2, seed=3, epochs=1),
     ModelPlan("plain_h1", "plain_cnn", "cifar10", H1, seed=1, epochs=5),
     ModelPlan("plain_h2", "plain_cnn", "cifar10", H2, seed=2, epochs=5),
     ModelPlan("plain_all", "plain_cnn", "cifar10", ALL, seed=0, epochs=5),
@@ -71,6 +87,9 @@ DISASSEMBLY_TASKS = ((0,), (1,), (0, 1, 2), (3, 4, 5, 6, 7, 8, 9))
 
 # (group, [(model key, class indices into the dataset's class list), ...])
 ASSEMBLIES = [
+    ("m", [("lenet_m1", (0, 1, 2)), ("lenet_m2", (7, 8, 9))]),
+    ("m", [("lenet_m1", H1), ("lenet_m2", H2)]),
+    ("m", [("lenet_m1", (0, 1, 2)), ("resnet_m2", (7, 8, 9))]),
     ("a", [("plain_h1", (0, 1, 2)), ("plain_h2", (5, 6, 7))]),
     ("a", [("plain_h1", (0,)), ("plain_h2", (5,))]),
     ("a", [("plain_h1", H1), ("plain_h2", H2)]),
@@ -82,8 +101,15 @@ ASSEMBLIES = [
     ("c", [("lenet_mnist", ALL), ("resnet_all", ALL)]),
 ]
 # Reported in this order: the reference rule first, then the other methods.
-SCALINGS = ("reference", "none", "calibrated", "discriminant")
+SCALINGS = ("reference", "none", "calibrated", "discriminant", "gaussian")
 assert set(SCALINGS) == set(SCALING_METHODS), "a scaling method is missing from the report"
+# The logit-only methods keep the calibration pool they were measured with before the
+# decision stage existed (the located samples plus 100 more a class).
+LOGIT_CALIBRATION_PER_CLASS = 100
+# Decision-stage ablation: which features, how many samples a class, which rule.
+ABLATION_FEATURES = ("logits", "penultimate", "all")
+ABLATION_SAMPLES = (10, 50, 200, DEFAULT_CALIBRATION_PER_CLASS)
+JOINT_MODELS = {"cifar10": "plain_all", "mnist": "lenet_mnist"}
 
 
 def pct(part: int, whole: int) -> float:
@@ -197,16 +223,30 @@ def _part(t: Trained, classes) -> Part:
     return Part(t.model, t.components, names, t.train_data, t.plan.key)
 
 
+def keep_all(t: Trained) -> Components:
+    """The source model's components with every mask all ones: disassembly then
+    keeps the whole model and only restricts its logits (what pruning costs)."""
+    masks = {
+        c: {k: torch.ones_like(m) for k, m in ms.items()} for c, ms in t.components.masks.items()
+    }
+    return dataclasses.replace(t.components, masks=masks, stats={})
+
+
+def test_sets(models: dict[str, Trained], data: Data, spec_parts) -> list[ImageFolderData]:
+    kinds = {models[k].plan.dataset for k, _ in spec_parts}
+    if kinds == {"mnist"}:
+        return [data.test("mnist")]
+    if kinds == {"cifar10"}:
+        return [data.test("cifar10")]
+    return [data.mnist_test_rgb32(), data.test("cifar10")]
+
+
 def table_assembly(models: dict[str, Trained], data: Data) -> list[dict]:
-    cifar_test = data.test("cifar10")
     rows = []
     for group, spec_parts in ASSEMBLIES:
         parts = [_part(models[k], c) for k, c in spec_parts]
-        datasets = (
-            [data.mnist_test_rgb32(), cifar_test]
-            if any(models[k].plan.dataset == "mnist" for k, _ in spec_parts)
-            else [cifar_test]
-        )
+        sizes = [len(p.classes) for p in parts]
+        datasets = test_sets(models, data, spec_parts)
         label = " + ".join(part_label(models[k].plan, c) for k, c in spec_parts)
         row = {"group": group, "label": label, "parts": [[k, list(c)] for k, c in spec_parts]}
         t0 = time.time()
@@ -220,16 +260,32 @@ def table_assembly(models: dict[str, Trained], data: Data) -> list[dict]:
             flops=metrics["flops"],
             per_class=metrics["per_class"],
             class_names=default.class_names,
+            decision=default.decision,
         )
+        study = DecisionStudy(parts, default, merged)
         row[DEFAULT_SCALING] = round(metrics["accuracy"], 2)
-        logits = AssemblyLogits(default, merged)
+        assert abs(study.accuracy(default) - metrics["accuracy"]) < 0.02
         for scaling in SCALINGS:
-            assembled = default if scaling == DEFAULT_SCALING else assemble(parts, scaling=scaling)
-            acc = logits.accuracy(assembled)
             if scaling == DEFAULT_SCALING:
-                assert abs(acc - metrics["accuracy"]) < 0.02, (acc, metrics["accuracy"])
-            row[scaling] = round(acc, 2)
-        row["errors"] = logits.decompose(default, [len(p.classes) for p in parts])
+                continue
+            assembled = assemble(
+                parts, scaling=scaling, calibration_per_class=LOGIT_CALIBRATION_PER_CLASS
+            )
+            row[scaling] = round(study.accuracy(assembled), 2)
+            if scaling == "discriminant":
+                row["errors_discriminant"] = study.decompose(study.outputs(assembled), sizes)
+        row["errors"] = study.decompose(study.outputs(default), sizes)
+        row["ablation"] = study.ablation()
+        row["decision_flops_share"] = pct(default.decision["flops"], metrics["flops"])
+        uncompensated = assemble(parts, scaling=DEFAULT_SCALING, compensate=False)
+        row["uncompensated"] = study.decompose(study.outputs(uncompensated), sizes)
+        full = [
+            Part(p.model, keep_all(models[k]), p.classes, p.data, p.source_id)
+            for p, (k, _) in zip(parts, spec_parts, strict=True)
+        ]
+        whole = assemble(full, scaling=DEFAULT_SCALING)
+        row["full_sources"] = study.decompose(study.outputs(whole), sizes)
+        row["full_sources"]["flops"] = count_flops(whole.module, whole.spec)
         row["task_bases"] = task_bases(parts, merged, default.spec)
         n = sum(b["images"] for b in row["task_bases"])
         row["base_weighted"] = round(
@@ -238,84 +294,156 @@ def table_assembly(models: dict[str, Trained], data: Data) -> list[dict]:
         row["source_params"] = sum(models[k].model.graph.param_count() for k, _ in spec_parts)
         row["source_flops"] = sum(count_flops(models[k].model) for k, _ in spec_parts)
         row["padded"] = padded_cost(parts, default, datasets)
-        row["joint_reference"] = joint_reference(models, spec_parts, cifar_test)
+        row["joint_reference"] = joint_reference(models, spec_parts, datasets)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         log(
             f"table 2{group}: {label}: base {row['base']:.2f}, "
             + ", ".join(f"{s} {row[s]:.2f}" for s in SCALINGS)
+            + f"; cross-part {row['errors_discriminant']['cross_part']:.2f} -> "
+            f"{row['errors']['cross_part']:.2f}; {row['seconds']:.0f} s"
         )
     return rows
 
 
-class AssemblyLogits:
-    """The components' unscaled logits on the test images, computed once per
-    assembly row; every scaling method's assembled model is then scored from them
-    (its fitted scale, shift and discriminant applied), after checking on real
-    test images that this gives that model's own outputs. The components are the
-    same for every scaling (disassembly is deterministic), so this is the
-    accuracy `accuracy_on(assembled.module, ...)` would measure, at a quarter of
-    the cost."""
+def decompose(logits: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> dict:
+    """Splits an assembly's errors: *cross-part*, the image went to a class of
+    another part (a decision no single source model was trained to make);
+    *within-part accuracy*, the argmax restricted to the true part's own classes
+    (what Base measures, through the assembled model)."""
+    part_of = part_index(sizes)
+    own = part_of[labels]
+    pred = logits.argmax(1)
+    mask = part_of[None, :] == own[:, None]
+    within = logits.masked_fill(~mask, float("-inf")).argmax(1)
+    return {
+        "accuracy": round(100.0 * float((pred == labels).float().mean()), 2),
+        "cross_part": round(100.0 * float((part_of[pred] != own).float().mean()), 2),
+        "within_part_accuracy": round(100.0 * float((within == labels).float().mean()), 2),
+    }
 
-    def __init__(self, assembled, merged: ImageFolderData):
+
+class DecisionStudy:
+    """The default assembly's components run once over the test images and over
+    the decision stage's calibration pool (every part's samples, the largest
+    count of the ablation), keeping their logits and tapped features. Every
+    logit-scaling method and every decision-stage variant is then scored from
+    these, after checking on real test images that this gives the assembled
+    model's own outputs; the components are the same for all of them
+    (disassembly is deterministic)."""
+
+    def __init__(self, parts: list[Part], assembled, merged: ImageFolderData):
         names = assembled.class_names
         target = torch.tensor([names.index(n) if n in names else -1 for n in merged.class_names])
         labels = target[merged.labels]
         keep = labels >= 0
         self.images, self.labels = merged.images[keep], labels[keep]
-        branches = self._branches(assembled)
-        with torch.no_grad():
-            self.raw = torch.cat(
-                [
-                    torch.cat([b.net(b.adapter(x)) for b in branches], 1)
-                    for x in (
-                        self.images[i : i + 256].float() / 255.0
-                        for i in range(0, len(self.labels), 256)
-                    )
-                ]
-            )
+        self.sizes = [len(c.class_names) for c in assembled.components]
+        body = assembled.body
+        self.test_logits, self.test_feats = self._run(
+            body, (x.float() / 255.0 for x in self._chunks(self.images))
+        )
+        xs, ys, ranks, offset = [], [], [], 0
+        for p, c in zip(parts, assembled.components, strict=True):
+            rows, pos = decision_rows(p, c, max(ABLATION_SAMPLES))
+            xs.append(to_raw(p.data.images[rows], assembled.spec))
+            ys.append(pos + offset)
+            ranks.append(torch.cat([torch.arange(int((pos == k).sum())) for k in pos.unique()]))
+            offset += len(c.class_names)
+        self.cal_y, self.cal_rank = torch.cat(ys), torch.cat(ranks)
+        self.cal_logits, self.cal_feats = self._run(body, self._chunks(torch.cat(xs)))
+        self.columns = self._columns(body)
 
     @staticmethod
-    def _branches(assembled):
-        module = assembled.module
-        inner = module.inner if isinstance(module, LogitMixer) else module
-        return list(inner.branches)
+    def _chunks(x: torch.Tensor):
+        return (x[i : i + 256] for i in range(0, x.shape[0], 256))
 
-    def scores(self, assembled, raw: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    @torch.no_grad()
+    def _run(body, batches):
+        logits, feats = [], []
+        for x in batches:
+            lg, ft = body.features(x)
+            logits.append(lg)
+            feats.append(ft)
+        return torch.cat(logits), torch.cat(feats)
+
+    def _columns(self, body) -> dict[str, torch.Tensor]:
+        """Columns of [features, logits] that each ablation variant reads."""
+        widths = []
+        with torch.no_grad():
+            for branch in body.branches:
+                x = torch.zeros(1, *self.images.shape[1:])
+                out = branch.net(branch.adapter(x))
+                taps = out[1] if branch.net.taps else []
+                modes = branch.tap_modes
+                widths.append(
+                    [flat_features([t], [m]).shape[1] for t, m in zip(taps, modes, strict=True)]
+                )
+        total = sum(sum(w) for w in widths)
+        logits = torch.arange(total, total + sum(self.sizes))
+        penultimate, start = [], 0
+        for w in widths:
+            if w:  # the first tap is the last linear layer's input
+                penultimate.append(torch.arange(start, start + w[0]))
+            start += sum(w)
+        return {
+            "logits": logits,
+            "penultimate": torch.cat([*penultimate, logits]),
+            "all": torch.arange(total + sum(self.sizes)),
+        }
+
+    def variant(self, features: str, per_class: int, rule: str) -> dict:
+        cols = self.columns[features]
+        rows = self.cal_rank < per_class
+        z = torch.cat([self.cal_feats, self.cal_logits], 1)[rows][:, cols]
+        weight, bias, _ = fit_gaussian_discriminant(z, self.cal_y[rows], sum(self.sizes))
+        zt = torch.cat([self.test_feats, self.test_logits], 1)[:, cols]
+        out = combine(zt @ weight.T + bias, self.test_logits, self.sizes, rule)
+        return {
+            "features": features,
+            "per_class": per_class,
+            "rule": rule,
+            "inputs": int(cols.numel()),
+            **decompose(out, self.labels, self.sizes),
+        }
+
+    def ablation(self) -> list[dict]:
+        out = [
+            self.variant(f, DEFAULT_CALIBRATION_PER_CLASS, DECISION_RULES[0])
+            for f in ABLATION_FEATURES
+        ]
+        out += [self.variant("all", k, DECISION_RULES[0]) for k in ABLATION_SAMPLES[:-1]]
+        out += [self.variant("all", DEFAULT_CALIBRATION_PER_CLASS, r) for r in DECISION_RULES[1:]]
+        return out
+
+    @torch.no_grad()
+    def outputs(self, assembled) -> torch.Tensor:
+        """The assembled model's outputs on every test image: from the cached
+        component logits where the components are the default's (logit-scaling
+        methods), else by running it."""
+        if assembled.scaling in ("gaussian",) or not assembled.compensated:
+            return torch.cat(
+                [assembled.module(x.float() / 255.0) for x in self._chunks(self.images)]
+            )
         scale = torch.cat([torch.tensor(s["scale"]) for s in assembled.scales])
         shift = torch.cat([torch.tensor(s["shift"]) for s in assembled.scales])
-        z = raw * scale + shift
+        z = self.test_logits * scale + shift
         if assembled.mixer is not None:
             weight, bias = (torch.tensor(t) for t in assembled.mixer)
             z = z @ weight.T + bias
-        return z
-
-    @torch.no_grad()
-    def accuracy(self, assembled) -> float:
         check = slice(0, len(self.labels), max(1, len(self.labels) // 256))
         own = assembled.module(self.images[check].float() / 255.0)
-        mine = self.scores(assembled, self.raw[check])
-        if not torch.allclose(own, mine, atol=1e-3, rtol=1e-3):
+        if not torch.allclose(own, z[check], atol=1e-3, rtol=1e-3):
             raise RuntimeError(f"scores differ from the {assembled.scaling} assembled model")
-        pred = self.scores(assembled, self.raw).argmax(1)
+        return z
+
+    def accuracy(self, assembled) -> float:
+        pred = self.outputs(assembled).argmax(1)
         return 100.0 * float((pred == self.labels).float().mean())
 
-    def decompose(self, assembled, sizes: list[int]) -> dict:
-        """Splits the assembly's errors: *cross-part*, the image went to a class of
-        another part (a decision no single source model was trained to make);
-        *within-part accuracy*, the argmax restricted to the true part's own
-        classes (what Base measures, through the assembled model)."""
-        logits = self.scores(assembled, self.raw)
-        part_of = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
-        own = part_of[self.labels]
-        pred = logits.argmax(1)
-        mask = part_of[None, :] == own[:, None]
-        within = logits.masked_fill(~mask, float("-inf")).argmax(1)
-        return {
-            "accuracy": round(100.0 * float((pred == self.labels).float().mean()), 2),
-            "cross_part": round(100.0 * float((part_of[pred] != own).float().mean()), 2),
-            "within_part_accuracy": round(100.0 * float((within == self.labels).float().mean()), 2),
-        }
+    def decompose(self, logits: torch.Tensor, sizes: list[int]) -> dict:
+        return decompose(logits, self.labels, sizes)
 
 
 def task_bases(parts: list[Part], merged: ImageFolderData, raw_spec) -> list[dict]:
@@ -366,17 +494,19 @@ def padded_cost(parts: list[Part], branches, datasets) -> dict | None:
     }
 
 
-def joint_reference(models, spec_parts, cifar_test) -> dict | None:
-    """For CIFAR-only rows: one plain_cnn trained on all ten classes, on the same
-    test images, argmax over the union's classes: what one jointly trained model
-    of this size gets on the assembled task."""
-    if any(models[k].plan.dataset != "cifar10" for k, _ in spec_parts):
+def joint_reference(models, spec_parts, datasets) -> dict | None:
+    """For rows from one dataset: the model trained on all ten classes of it
+    (plain_cnn on CIFAR-10, LeNet on MNIST), on the same test images, argmax
+    over the union's classes: what one jointly trained model gets on the
+    assembled task."""
+    kinds = {models[k].plan.dataset for k, _ in spec_parts}
+    if len(kinds) != 1:
         return None
-    t = models["plain_all"]
+    t = models[JOINT_MODELS[kinds.pop()]]
     union = [t.model.class_names[c] for _, cs in spec_parts for c in cs]
-    sub = restrict(cifar_test, union)
+    sub = restrict(datasets[0], union)
     acc = accuracy_on(t.model.net(), sub, t.model.class_names, t.model.spec, restrict_to_task=True)
-    return {"model": "plain_all", "accuracy": round(acc["accuracy"], 2)}
+    return {"model": t.plan.key, "accuracy": round(acc["accuracy"], 2)}
 
 
 def table_sensitivity(
@@ -478,6 +608,8 @@ def run(settings: Settings) -> dict:
             "samples_per_class": settings.samples_per_class,
             "grid_alpha": list(settings.grid_alpha),
             "grid_beta": list(settings.grid_beta),
+            "logit_calibration": LOGIT_CALIBRATION_PER_CLASS,
+            "decision_calibration": DEFAULT_CALIBRATION_PER_CLASS,
         },
         "environment": environment(),
         "models": model_rows,

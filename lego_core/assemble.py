@@ -48,6 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lego_core.decide import (
+    DECISION_RULES,
+    DecisionNet,
+    feature_taps,
+    fit_gaussian_discriminant,
+    flat_features,
+)
 from lego_core.disassemble import Component, disassemble
 from lego_core.errors import IncompatibleComponentsError, LegoError
 from lego_core.graph import GraphNet, LegoGraph, Node, Param
@@ -55,9 +62,12 @@ from lego_core.locate import Components
 from lego_core.model import SourceModel
 from lego_core.spec import InputSpec
 
-SCALING_METHODS = ("discriminant", "calibrated", "reference", "none")
+SCALING_METHODS = ("gaussian", "discriminant", "calibrated", "reference", "none")
 FORMS = ("branches", "padded")
-DEFAULT_SCALING = "discriminant"
+DEFAULT_SCALING = "gaussian"
+DECISION_FEATURES = ("all", "penultimate", "logits")
+DEFAULT_CALIBRATION_PER_CLASS = 1000
+DEFAULT_COMPENSATE = True
 DISCRIMINANT_SHRINKAGE = 0.1
 
 Progress = Callable[[float, str], None]
@@ -105,18 +115,38 @@ class InputAdapter(nn.Module):
         return (x - self.mean) / self.std
 
 
+def run_tapped(net: GraphNet, modes: tuple[str, ...], x: torch.Tensor):
+    """(logits, features [B, D]) of a GraphNet with taps; D = 0 without taps."""
+    out = net(x)
+    if not net.taps:
+        return out, out.new_zeros(out.shape[0], 0)
+    logits, taps = out
+    return logits, flat_features(taps, modes)
+
+
 class Branch(nn.Module):
     def __init__(
-        self, component: Component, raw_spec: InputSpec, scale: torch.Tensor, shift: torch.Tensor
+        self,
+        component: Component,
+        raw_spec: InputSpec,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        taps: tuple[tuple[str, str], ...] = (),
     ):
         super().__init__()
         self.adapter = InputAdapter(raw_spec, component.spec)
-        self.net = component.net()
+        self.net = GraphNet(component.graph, tuple(name for name, _ in taps)).eval()
+        self.tap_modes = tuple(mode for _, mode in taps)
         self.register_buffer("scale", scale.float().clone())
         self.register_buffer("shift", shift.float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.adapter(x)) * self.scale + self.shift
+        return self.features(x)[0]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled logits, tapped features [B, D]; D = 0 without taps)."""
+        logits, feats = run_tapped(self.net, self.tap_modes, self.adapter(x))
+        return logits * self.scale + self.shift, feats
 
 
 class BranchesNet(nn.Module):
@@ -128,6 +158,10 @@ class BranchesNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([b(x) for b in self.branches], 1)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [b.features(x) for b in self.branches]
+        return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
 
 
 class LogitMixer(nn.Module):
@@ -146,13 +180,23 @@ class LogitMixer(nn.Module):
 class PaddedNet(nn.Module):
     """One block-diagonal network (the paper's form) behind one adapter."""
 
-    def __init__(self, graph: LegoGraph, raw_spec: InputSpec, spec: InputSpec):
+    def __init__(
+        self,
+        graph: LegoGraph,
+        raw_spec: InputSpec,
+        spec: InputSpec,
+        taps: tuple[tuple[str, str], ...] = (),
+    ):
         super().__init__()
         self.adapter = InputAdapter(raw_spec, spec)
-        self.net = GraphNet(graph).eval()
+        self.net = GraphNet(graph, tuple(name for name, _ in taps)).eval()
+        self.tap_modes = tuple(mode for _, mode in taps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.adapter(x))
+        return self.features(x)[0]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_tapped(self.net, self.tap_modes, self.adapter(x))
 
 
 @dataclass
@@ -170,16 +214,27 @@ class AssembledModel:
     scales: list[dict] = field(default_factory=list)
     sources: list[tuple[SourceModel, list[int]]] = field(default_factory=list)
     mixer: list | None = None  # [weight, bias] of the discriminant map, if any
+    decision: dict | None = None  # the decision stage's size and fit, if any
+    compensated: bool = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
     @property
     def params(self) -> int:
+        stage = (self.decision or {}).get("params", 0)
         if self.form == "branches":
-            return sum(c.graph.param_count() for c in self.components)
-        padded = self.module.inner if isinstance(self.module, LogitMixer) else self.module
-        return padded.net.graph.param_count()
+            return sum(c.graph.param_count() for c in self.components) + stage
+        return self.body.net.graph.param_count() + stage
+
+    @property
+    def body(self) -> nn.Module:
+        """The components (BranchesNet or PaddedNet) without the stage after them."""
+        if isinstance(self.module, LogitMixer):
+            return self.module.inner
+        if isinstance(self.module, DecisionNet):
+            return self.module.body
+        return self.module
 
 
 def raw_spec_for(specs: list[InputSpec]) -> InputSpec:
@@ -294,10 +349,13 @@ def _best_point(lo: torch.Tensor, hi: torch.Tensor, current: float) -> float:
 # ---------------------------------------------------------------------------
 
 
-def build_components(parts: list[Part]) -> list[Component]:
+def build_components(
+    parts: list[Part], compensate: bool = True, device: str | torch.device = "cpu"
+) -> list[Component]:
     comps = []
     for p in parts:
-        comp = disassemble(p.model, p.components, p.classes, data=p.data)
+        data = p.data if compensate else None
+        comp = disassemble(p.model, p.components, p.classes, data=data, device=device)
         comp.source = p.source_id or p.model.name
         comps.append(comp)
     names = [n for c in comps for n in c.class_names]
@@ -310,29 +368,46 @@ def build_components(parts: list[Part]) -> list[Component]:
     return comps
 
 
-@torch.no_grad()
-def compute_scales(
-    parts: list[Part], comps: list[Component], raw_spec: InputSpec, method: str, per_class: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if method == "none":
-        ones = [(torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))) for c in comps]
-        return ones, None
+def sample_pool(parts, comps, raw_spec: InputSpec, rows_of, method: str):
+    """Raw images from every part's dataset (`rows_of(part, component)` gives
+    rows and output positions) and their labels in the assembled order."""
     missing = [p.source_id or p.model.name for p in parts if p.data is None]
     if missing:
         raise LegoError(f"scaling '{method}' needs the locating dataset of {missing}")
-    pool_x, pool_y, offset = [], [], 0
+    xs, ys, offset = [], [], 0
     for p, c in zip(parts, comps, strict=True):
-        rows, pos = calibration_indices(p, c, per_class)
-        pool_x.append(to_raw(p.data.images[rows], raw_spec))
-        pool_y.append(pos + offset)
+        rows, pos = rows_of(p, c)
+        xs.append(to_raw(p.data.images[rows], raw_spec))
+        ys.append(pos + offset)
         offset += len(c.class_names)
-    x, y = torch.cat(pool_x), torch.cat(pool_y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def compute_scales(
+    parts: list[Part],
+    comps: list[Component],
+    raw_spec: InputSpec,
+    method: str,
+    per_class: int,
+    device: str | torch.device = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # "gaussian": the decision stage standardises every feature, logits included,
+    # so a per-class scale would change nothing there.
+    if method in ("none", "gaussian"):
+        ones = [(torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))) for c in comps]
+        return ones, None
+    x, y = sample_pool(
+        parts, comps, raw_spec, lambda p, c: calibration_indices(p, c, per_class), method
+    )
     raw_logits = []
     for c in comps:
         branch = Branch(
             c, raw_spec, torch.ones(len(c.class_names)), torch.zeros(len(c.class_names))
+        ).to(device)
+        raw_logits.append(
+            torch.cat([branch(x[i : i + 256].to(device)).cpu() for i in range(0, x.shape[0], 256)])
         )
-        raw_logits.append(torch.cat([branch(x[i : i + 256]) for i in range(0, x.shape[0], 256)]))
     scales, starts = [], 0
     for c, z in zip(comps, raw_logits, strict=True):
         n = len(c.class_names)
@@ -364,37 +439,145 @@ def linear_discriminant(z: torch.Tensor, labels: torch.Tensor, shrinkage=DISCRIM
     return weight.float(), bias.float()
 
 
+def decision_rows(part: Part, component: Component, per_class: int, seed: int = 0):
+    """`per_class` random rows of each of the component's classes in the part's
+    dataset (all of them where a class has fewer), and their output positions."""
+    data = part.data
+    name_to_pos = {n: i for i, n in enumerate(component.class_names)}
+    labels = torch.tensor([name_to_pos.get(n, -1) for n in data.class_names])[data.labels]
+    g = torch.Generator().manual_seed(seed)
+    rows, pos = [], []
+    for k in range(len(component.class_names)):
+        members = torch.nonzero(labels == k).flatten()
+        if members.numel() == 0:
+            raise LegoError(
+                f"no samples of class {component.class_names[k]} in the locating dataset "
+                f"of {part.source_id or part.model.name}"
+            )
+        members = members[torch.randperm(members.numel(), generator=g)][:per_class]
+        rows.append(members)
+        pos.append(torch.full((members.numel(),), k, dtype=torch.long))
+    return torch.cat(rows), torch.cat(pos)
+
+
+@torch.no_grad()
+def fit_decision(
+    parts: list[Part],
+    comps: list[Component],
+    body: nn.Module,
+    raw_spec: InputSpec,
+    per_class: int,
+    rule: str,
+    unscale: torch.Tensor,
+    device: str | torch.device = "cpu",
+) -> tuple[DecisionNet, dict]:
+    """Runs every component over samples of every part's locating dataset and
+    fits the Gaussian discriminant on their concatenated features and logits."""
+    x, y = sample_pool(
+        parts, comps, raw_spec, lambda p, c: decision_rows(p, c, per_class), "gaussian"
+    )
+    offset = sum(len(c.class_names) for c in comps)
+    logits, feats = [], []
+    body.to(device)
+    for i in range(0, x.shape[0], 256):
+        lg, ft = body.features(x[i : i + 256].to(device))
+        logits.append(lg.cpu())
+        feats.append(ft.cpu())
+    body.cpu()
+    z = torch.cat([torch.cat(feats), torch.cat(logits)], 1)
+    weight, bias, info = fit_gaussian_discriminant(z, y, offset)
+    sizes = [len(c.class_names) for c in comps]
+    info.update(
+        rule=rule,
+        samples=int(y.numel()),
+        params=weight.numel() + bias.numel(),
+        flops=2 * weight.numel(),  # one multiply-add per weight, per image
+    )
+    return DecisionNet(body, weight, bias, unscale, sizes, rule), info
+
+
 def assemble(
     parts: list[Part],
     scaling: str = DEFAULT_SCALING,
     form: str = "branches",
-    calibration_per_class: int = 100,
+    calibration_per_class: int = DEFAULT_CALIBRATION_PER_CLASS,
+    compensate: bool = DEFAULT_COMPENSATE,
     progress: Progress | None = None,
+    decision_features: str = "all",
+    decision_rule: str = DECISION_RULES[0],
+    device: str | torch.device = "cpu",
 ) -> AssembledModel:
-    """Builds one classifier for the union of the parts' classes, in order."""
+    """Builds one classifier for the union of the parts' classes, in order.
+
+    `scaling`: see the module docstring ("gaussian", the default, adds the
+    decision stage of lego_core.decide). `compensate`: fold removed channels'
+    mean contribution into biases at disassembly (needs each part's dataset).
+    `decision_features` ("all" linear-layer inputs, "penultimate" the last
+    one's, "logits" none) and `decision_rule` ("factorised" or "joint") shape
+    the decision stage. `device`: where the forward passes (mean compensation,
+    scaling and decision fits) run; the assembled model is on the CPU."""
     if not parts:
         raise IncompatibleComponentsError("an assembly needs at least one part")
     if scaling not in SCALING_METHODS:
         raise LegoError(f"unknown scaling '{scaling}'; choose one of {', '.join(SCALING_METHODS)}")
     if form not in FORMS:
         raise LegoError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    if decision_features not in DECISION_FEATURES:
+        raise LegoError(
+            f"unknown decision features '{decision_features}'; "
+            f"choose one of {', '.join(DECISION_FEATURES)}"
+        )
+    if decision_rule not in DECISION_RULES:
+        raise LegoError(
+            f"unknown decision rule '{decision_rule}'; choose one of {', '.join(DECISION_RULES)}"
+        )
+    if calibration_per_class < 1:
+        raise LegoError("calibration_per_class must be at least 1")
     report = progress or (lambda f, m: None)
     report(0.0, "disassembling")
-    comps = build_components(parts)
+    comps = build_components(parts, compensate, device)
     raw_spec = raw_spec_for([c.spec for c in comps])
     if form == "padded":
         check_padded(parts, comps)
     report(0.4, "scaling")
-    scales, mixer = compute_scales(parts, comps, raw_spec, scaling, calibration_per_class)
-    report(0.7, "assembling")
+    scales, mixer = compute_scales(
+        parts, comps, raw_spec, scaling, calibration_per_class, device=device
+    )
+    report(0.6, "assembling")
+    gaussian = scaling == "gaussian"
+
+    def taps_of(graph: LegoGraph) -> tuple[tuple[str, str], ...]:
+        if not gaussian or decision_features == "logits":
+            return ()
+        taps = feature_taps(graph)
+        return tuple(taps[:1] if decision_features == "penultimate" else taps)
+
     if form == "branches":
         module = BranchesNet(
-            [Branch(c, raw_spec, s, b) for c, (s, b) in zip(comps, scales, strict=True)]
+            [
+                Branch(c, raw_spec, s, b, taps_of(c.graph))
+                for c, (s, b) in zip(comps, scales, strict=True)
+            ]
         )
     else:
-        module = PaddedNet(merge_padded(comps, scales), raw_spec, comps[0].spec)
+        graph = merge_padded(comps, scales)
+        module = PaddedNet(graph, raw_spec, comps[0].spec, taps_of(graph))
+    decision = None
     if mixer is not None:
         module = LogitMixer(module, *mixer)
+    elif gaussian:
+        report(0.7, "fitting the decision stage")
+        unscale = 1.0 / torch.cat([s for s, _ in scales])
+        module, decision = fit_decision(
+            parts,
+            comps,
+            module.eval(),
+            raw_spec,
+            calibration_per_class,
+            decision_rule,
+            unscale,
+            device,
+        )
     module.eval()
     lineage = [
         {"source": c.source, "class_index": int(i), "class_name": n, "position": pos}
@@ -414,6 +597,8 @@ def assemble(
         scales=[{"scale": s.tolist(), "shift": b.tolist()} for s, b in scales],
         mixer=[t.tolist() for t in mixer] if mixer is not None else None,
         sources=[(p.model, c.class_indices) for p, c in zip(parts, comps, strict=True)],
+        decision=decision,
+        compensated=compensate and all(p.data is not None for p in parts),
     )
 
 

@@ -33,7 +33,15 @@ import torch
 from tqdm import tqdm
 
 from lego_core.architectures import ARCHITECTURES, build_model
-from lego_core.assemble import DEFAULT_SCALING, FORMS, SCALING_METHODS, Part, assemble
+from lego_core.assemble import (
+    DEFAULT_CALIBRATION_PER_CLASS,
+    DEFAULT_COMPENSATE,
+    DEFAULT_SCALING,
+    FORMS,
+    SCALING_METHODS,
+    Part,
+    assemble,
+)
 from lego_core.data import ImageFolderData, load_image_folder
 from lego_core.errors import (
     DatasetError,
@@ -598,6 +606,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
             scaling=args.scaling,
             form=args.form,
             calibration_per_class=args.calibration_per_class,
+            compensate=args.compensate,
             progress=bar,
         )
     export_model(assembled, args.out)
@@ -865,9 +874,17 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--calibration-per-class",
         type=int,
-        default=100,
+        default=DEFAULT_CALIBRATION_PER_CLASS,
         metavar="N",
-        help="extra calibration samples per class (default 100)",
+        help="samples per class of each part's dataset used to fit the scaling and the "
+        f"decision stage (default {DEFAULT_CALIBRATION_PER_CLASS})",
+    )
+    p.add_argument(
+        "--compensate",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_COMPENSATE,
+        help="fold removed channels' mean contribution into biases at disassembly "
+        f"(needs the part's dataset; default {'on' if DEFAULT_COMPENSATE else 'off'})",
     )
     p.add_argument("--out", required=True, help="exported classifier to write (.pt)")
 

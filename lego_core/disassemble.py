@@ -41,11 +41,14 @@ class Component:
 
 
 @torch.no_grad()
-def input_means(model: SourceModel, data, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+def input_means(
+    model: SourceModel, data, indices: torch.Tensor, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The mean input of every linear and ungrouped conv layer over the images
     `indices` of `data`, in the form a constant bias needs: linear [P]; conv
     [P, kh*kw], the mean over images and output positions of the value each
-    kernel tap reads (padding reads zeros)."""
+    kernel tap reads (padding reads zeros). The forward passes run on `device`; the
+    means are returned on the CPU."""
     from lego_core.contributions import tap_sums
     from lego_core.data import normalize
     from lego_core.locate import CONTRIBUTION_BATCH
@@ -68,12 +71,13 @@ def input_means(model: SourceModel, data, indices: torch.Tensor) -> dict[str, to
             total = taps.double().sum(0) / (out_h * out_w)
         sums[node.layer] = sums[node.layer] + total if node.layer in sums else total
 
-    net = model.net()
+    net = model.net().to(device)
     net.hook = hook
     for start in range(0, indices.numel(), CONTRIBUTION_BATCH):
-        batch = data.images[indices[start : start + CONTRIBUTION_BATCH]]
+        batch = data.images[indices[start : start + CONTRIBUTION_BATCH]].to(device)
         net(normalize(batch, model.spec))
-    return {layer: (total / max(1, indices.numel())).float() for layer, total in sums.items()}
+    n = max(1, indices.numel())
+    return {layer: (total / n).float().cpu() for layer, total in sums.items()}
 
 
 def prune_graph(
@@ -203,21 +207,28 @@ def class_set_demand(model: SourceModel, components: Components, classes: list[i
     return demanded
 
 
-def disassemble(model: SourceModel, components: Components, classes, data=None) -> Component:
+def disassemble(
+    model: SourceModel,
+    components: Components,
+    classes,
+    data=None,
+    device: str | torch.device = "cpu",
+) -> Component:
     """The component of `model` for `classes` (names or indices, in the order
     the component's logits will have).
 
     `data`: the dataset the components were located on. With it, the removed
     channels' mean contribution over the classes' located samples is folded into
     the biases of the layers that read them (mean compensation); without it,
-    removed channels simply vanish, as in the paper."""
+    removed channels simply vanish, as in the paper. `device`: where the forward
+    passes of mean compensation run (the component is on the CPU)."""
     idx = model.class_indices(classes)
     means = None
     if data is not None:
         rows = [components.selected[c] for c in idx if c in components.selected]
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         if rows.numel() and int(rows.max()) < len(data):
-            means = input_means(model, data, rows)
+            means = input_means(model, data, rows, device=device)
     graph = prune_graph(model, class_set_demand(model, components, idx), idx, means)
     return Component(
         graph=graph,

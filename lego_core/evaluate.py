@@ -142,4 +142,5 @@ def evaluate_assembly(assembled, datasets: list) -> dict:
         "images": result["images"],
         "params": assembled.params,
         "flops": count_flops(assembled.module, assembled.spec),
+        "decision": getattr(assembled, "decision", None),
     }

@@ -52,6 +52,8 @@ def export_model(assembled, path: str | Path) -> dict:
         "lineage": assembled.lineage,
         "form": assembled.form,
         "scaling": assembled.scaling,
+        "compensated": assembled.compensated,
+        "decision": assembled.decision,
     }
     # Serialised in memory, then written by Python: torch's own file writer aborts
     # the whole process when the disk fills, where Python raises OSError(ENOSPC).
@@ -63,21 +65,28 @@ def export_model(assembled, path: str | Path) -> dict:
 
 @dataclass
 class ExportedClassifier:
-    """A loaded `.pt` classifier: call it on raw [0, 1] images."""
+    """A loaded `.pt` classifier: call it on raw [0, 1] images (CPU tensors in and out;
+    the model runs on `device`)."""
 
     module: torch.nn.Module
     class_names: list[str]
     spec: InputSpec
     meta: dict
+    device: str = "cpu"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        return self.module(x.to(self.device)).cpu()
 
 
-def load_exported(path: str | Path) -> ExportedClassifier:
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> ExportedClassifier:
+    """Loads a `.pt` classifier; `device` ("cpu", "cuda", ...) is where it runs."""
     extra = {META_FILE: ""}
     program = load_exported_program_with_meta(path, extra)
+    if torch.device(device).type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
     try:
         meta = json.loads(extra[META_FILE])
         if meta.get("format") != FORMAT:
@@ -85,7 +94,9 @@ def load_exported(path: str | Path) -> ExportedClassifier:
         spec = InputSpec.from_dict(meta["input_spec"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"{path} is not a Model LEGO classifier: {exc}") from None
-    return ExportedClassifier(program.module(), list(meta["class_names"]), spec, meta)
+    return ExportedClassifier(
+        program.module(), list(meta["class_names"]), spec, meta, str(torch.device(device))
+    )
 
 
 def load_exported_program_with_meta(path, extra: dict):

@@ -287,9 +287,12 @@ class GraphNet(nn.Module):
     """Executes a LegoGraph. Optionally calls `hook(node, input_value)` before
     every located layer, which is how contributions are collected."""
 
-    def __init__(self, graph: LegoGraph):
+    def __init__(self, graph: LegoGraph, taps: tuple[str, ...] = ()):
         super().__init__()
         self.graph = graph
+        # Values (node names) returned beside the output, for a decision stage
+        # that reads what the network computes on the way.
+        self.taps = tuple(taps)
         self._buffer_names: dict[str, str] = {}
         for i, (key, t) in enumerate(graph.tensors.items()):
             name = f"t{i}"
@@ -319,6 +322,8 @@ class GraphNet(nn.Module):
             args = _map(node.args, resolve)
             kwargs = {k: _map(v, resolve) for k, v in node.kwargs.items()}
             env[node.name] = node.target(*args, **kwargs)
+        if self.taps:
+            return env[self.graph.output_name], [env[t] for t in self.taps]
         return env[self.graph.output_name]
 
 

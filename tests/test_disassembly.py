@@ -237,6 +237,41 @@ def test_decision_routes_picture_shows_every_layer(located_lenet):
         render_routes(model, components, ["eleven"])
 
 
+def test_routes_picture_draws_every_channel_with_a_full_legend(located_lenet):
+    """No binning: one cell per input channel of every layer (classifier.0 has 400),
+    unused channels stay visible, shared and class-specific cells have their own
+    colours, and the legend counts add up to every channel."""
+    import xml.etree.ElementTree as ET
+
+    from lego_core.routes import PALETTE, SHARED_ALL, UNUSED, render_routes, route_table
+
+    model, components = located_lenet
+    svg = render_routes(model, components, ["0", "1"], name="lenet-digits")
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    table = route_table(model, components, ["0", "1"])
+    cells = [r for r in root.iter(f"{ns}rect") if r.get("height") == "10"]
+    assert len(cells) == sum(r["channels"] for r in table)
+    fills = [c.get("fill") for c in cells]
+    assert fills.count(UNUSED) == sum(r["unused"] for r in table)
+    assert fills.count(SHARED_ALL) == sum(r["shared"] for r in table)
+    assert fills.count(PALETTE[0]) == sum(r["only"]["0"] for r in table)
+    assert fills.count(PALETTE[1]) == sum(r["only"]["1"] for r in table)
+    wide = next(r for r in table if r["channels"] == 400)
+    assert wide["unused"] > 0  # the case binning used to hide
+    text = [t.text or "" for t in root.iter(f"{ns}text")]
+    assert text[0] == "Decision routes of lenet-digits: 0, 1"
+    assert root.find(f"{ns}title").text == "Decision routes of lenet-digits: 0, 1"
+    legend = " | ".join(text)
+    total = sum(r["channels"] for r in table)
+    counts = [int(t.rsplit(": ", 1)[1]) for t in text if t.rsplit(": ", 1)[-1].isdigit()]
+    assert sum(counts[-4:]) == total  # 0 only, 1 only, shared, unused
+    assert "0 only" in legend and "shared by all 2 classes" in legend
+    assert "unused by these classes (removed)" in legend
+    three = render_routes(model, components, ["0", "1", "2"])
+    assert "shared by some of them" in three
+
+
 def test_program_exported_in_training_mode_classifies_in_eval_mode(tmp_path):
     torch.manual_seed(0)
     module = _randomise_bn(ResidualConcatNet())

@@ -113,11 +113,9 @@ def worker_name() -> str:
 
 
 def resolve_device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    import torch
+    from lego_core.device import resolve_device as resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve(setting)
 
 
 class JobContext:
@@ -130,9 +128,14 @@ class JobContext:
         self.kind = job.kind
         self.payload = dict(job.payload or {})
         self.worker = worker
-        self.device = resolve_device(env.settings.device)
         self.stored: list[str] = []  # artifacts stored by this run (removed if cancelled)
         self._last = 0.0
+
+    @property
+    def device(self) -> str:
+        """Where the job's forward passes run (LEGO_DEVICE; an error inside the job when
+        it names a GPU that is not there)."""
+        return resolve_device(self.env.settings.device)
 
     @property
     def storage(self) -> Storage:

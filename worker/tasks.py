@@ -21,6 +21,7 @@ from app.catalog import (
     Model,
 )
 from worker.runtime import Deferred, JobContext, Result
+from worker.shards import locate_sharded, shard_count
 
 
 def _lego_error(msg: str) -> Exception:
@@ -99,7 +100,11 @@ def locate_job(ctx: JobContext) -> Result:
     data = located_data(ctx, m, ds, source.spec)
     ctx.progress(0.1, "locating components")
     kwargs = {k: v for k, v in parameters.items() if v is not None}
-    comps = locate(source, data, progress=ctx.sub(0.1, 0.95), device=ctx.device, **kwargs)
+    shards = shard_count(ctx.env.settings, len(data))
+    if shards > 1:  # Celery: the job's shards go to every worker (worker/shards.py)
+        comps = locate_sharded(ctx, source, data, shards)
+    else:
+        comps = locate(source, data, progress=ctx.sub(0.1, 0.95), device=ctx.device, **kwargs)
     ctx.progress(0.96, "saving components")
     with ctx.storage.temp_path(".pt") as t:
         comps.save(t)
@@ -189,10 +194,14 @@ def assemble_job(ctx: JobContext) -> Result:
 
     ctx.progress(0.3, "assembling")
     kwargs = {k: options[k] for k in ("scaling", "form") if options.get(k)}
+    if options.get("compensate") is not None:
+        kwargs["compensate"] = bool(options["compensate"])
     assembled = assemble(
         parts,
         progress=ctx.sub(0.3, 0.8),
-        calibration_per_class=settings.calibration_per_class,
+        calibration_per_class=options.get("calibration_per_class")
+        or settings.calibration_per_class,
+        device=ctx.device,
         **kwargs,
     )
 

@@ -27,6 +27,7 @@ from app.catalog import (
     Job,
     Model,
 )
+from app.downloads import FORMATS, DownloadFormat, download_file
 from app.errors import ApiError
 from app.predict import Batcher, b64decode_image, decode_image, predict
 from app.routers.common import (
@@ -51,7 +52,7 @@ from app.routers.common import (
 )
 from app.schemas import AliasesIn, AssemblyIn, AssemblyOut, PredictIn, PredictOut, errors
 from app.services import Services, services
-from worker.runtime import create_job
+from worker.runtime import create_job, resolve_device
 from worker.tasks import locate_jobs_for, no_components_reason
 
 router = APIRouter(prefix="/api/v1", tags=["assemblies"])
@@ -272,19 +273,30 @@ def predict_artifact(svc: Services, key: str, ref: str) -> str:
         304: {"description": "Not Modified: If-None-Match named the file's ETag (sha256)"},
     },
 )
-def download_assembly(ref: PathRef, owner: Owner, svc: Svc, request: Request):
-    """The assembled `.pt` (torch.export, loads with plain PyTorch; `lego.json` inside holds
-    class names, input spec and lineage). `ETag` is the file's sha256; `If-None-Match` with
-    it answers 304."""
+def download_assembly(
+    ref: PathRef,
+    owner: Owner,
+    svc: Svc,
+    request: Request,
+    format: Annotated[
+        DownloadFormat,
+        Query(description="pt (torch.export), onnx, or triton (a model repository zip)"),
+    ] = "pt",
+):
+    """The assembled model: `pt` (torch.export, loads with plain PyTorch; `lego.json` inside
+    holds class names, input spec and lineage), `onnx`, or `triton` (a model repository zip).
+    `ETag` is the `.pt` file's sha256 plus the format; `If-None-Match` with it answers 304."""
     assembly_id, sha, name = finished_artifact(svc, owner, ref)
-    etag = f'"{sha}"'  # the content's sha256: a strong validator
+    # a strong validator: the content's sha256 (the other formats derive from it)
+    etag = f'"{sha}"' if format == "pt" else f'"{sha}-{format}"'
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "assembly"
+    suffix, media_type = FORMATS[format]
     return FileResponse(
-        svc.storage.require(sha),
-        media_type="application/octet-stream",
-        filename=f"assembly-{assembly_id}-{safe}.pt",
+        download_file(svc.storage, sha, format, name),
+        media_type=media_type,
+        filename=f"assembly-{assembly_id}-{safe}{suffix}",
         headers={"ETag": etag},
     )
 
@@ -300,7 +312,8 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 def served_model(svc: Services, sha: str) -> Batcher:
     def load() -> Batcher:
         path = adapters.named_path(svc.storage, sha, ".pt")
-        return Batcher(adapters.load_classifier(path), svc.settings.predict_batch_size)
+        classifier = adapters.load_classifier(path, resolve_device(svc.settings.device))
+        return Batcher(classifier, svc.settings.predict_batch_size)
 
     return svc.models.get(sha, load)
 

@@ -344,7 +344,7 @@ def routes_svg(
 
     source = adapters.load_model(svc.storage, m)
     comps = Components.load(svc.storage.require(sha))
-    svg = render_routes(source, comps, indices)
+    svg = render_routes(source, comps, indices, name=m.name)
     return Response(svg, media_type="image/svg+xml")
 
 

@@ -17,6 +17,7 @@ pytestmark = [needs_lego(*JOURNEY_NEEDS), pytest.mark.slow]
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
 PUBLIC |= {"/redoc", "/v2", "/v2/health/live", "/v2/health/ready"}
+PUBLIC |= {"/", "/ui/config"}  # the web page and what its forms offer
 
 
 def routes(app) -> list[tuple[str, str]]:

@@ -59,6 +59,35 @@ def test_journey_embedded(journey):
     assert job["assembly_id"] == ids["assembly"]
 
 
+def test_assembly_options_reach_the_exported_model(journey, tmp_path):
+    """Mean compensation off and a small calibration pool, chosen per request; the
+    exported file says which were used and carries the decision stage."""
+    import json
+
+    import torch
+
+    http, ids = journey["http"], journey["ids"]
+    body = {
+        "source_classes": [
+            {"model_id": ids["a"], "classes": ["0", "1"]},
+            {"model_id": ids["b"], "classes": ["7"]},
+        ],
+        "options": {"compensate": False, "calibration_per_class": 5},
+    }
+    r = http.post("/api/v1/assemblies", json=body)
+    assert r.status_code == 202, r.text
+    asm = http.wait_assembly(r.json()["id"])
+    assert asm["status"] == "succeeded", asm
+    path = tmp_path / "a.pt"
+    path.write_bytes(http.get(f"/api/v1/assemblies/{asm['id']}/download").content)
+    extra = {"lego.json": ""}
+    torch.export.load(str(path), extra_files=extra)
+    meta = json.loads(extra["lego.json"])
+    assert meta["scaling"] == "gaussian" and meta["compensated"] is False
+    assert meta["decision"]["samples"] <= 15 and meta["decision"]["params"] > 0
+    http.delete(f"/api/v1/assemblies/{asm['id']}")
+
+
 def test_another_owner_gets_404_everywhere(journey):
     bob, ids = journey["bob"], journey["ids"]
     a, asm, ds = ids["a"], ids["assembly"], ids["dataset"]
@@ -101,6 +130,15 @@ def test_bad_assembly_requests(journey):
     assert r.status_code == 404
     r = post({"source_classes": [{"model_id": a, "classes": [0]}], "options": {"form": "cube"}})
     assert r.status_code == 422 and "cube" in r.json()["detail"]
+    r = post({"source_classes": [{"model_id": a, "classes": [0]}], "options": {"scaling": "x"}})
+    assert r.status_code == 422 and "gaussian" in r.json()["detail"]
+    r = post(
+        {
+            "source_classes": [{"model_id": a, "classes": [0]}],
+            "options": {"calibration_per_class": 0},
+        }
+    )
+    assert r.status_code == 422
     r = post({"source_classes": []})
     assert r.status_code == 422
     r = post({"source_classes": [{"model_id": a, "classes": [0]}, {"model_id": a, "classes": [1]}]})
@@ -251,6 +289,42 @@ def test_registry_lineage_versions_aliases(journey, tmp_path):
     assert r.status_code == 422 and r.json()["code"] == "idempotency-key-reused"
     assert http.delete(f"/api/v1/assemblies/{v3['id']}").status_code == 204
     assert http.get(f"/api/v1/models/{ids['a']}").json()["used_by"] == [ids["assembly"]]
+
+
+def test_download_as_onnx_and_triton_repository(journey, tmp_path):
+    """?format=onnx gives the .pt's logits under ONNX Runtime; ?format=triton a repository zip."""
+    import zipfile
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from lego_core import load_exported
+
+    http, asm = journey["http"], journey["ids"]["assembly"]
+    url = f"/api/v1/assemblies/{asm}/download"
+    pt = tmp_path / "a.pt"
+    pt.write_bytes(http.get(url, params={"format": "pt"}).content)
+    r = http.get(url, params={"format": "onnx"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-disposition"].endswith('-digits-0379.onnx"')
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": x})[0]
+    assert np.abs(got - load_exported(pt)(torch.from_numpy(x)).numpy()).max() < 1e-4
+
+    r = http.get(url, params={"format": "triton"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    (tmp_path / "repo.zip").write_bytes(r.content)
+    with zipfile.ZipFile(tmp_path / "repo.zip") as z:
+        assert sorted(z.namelist()) == [
+            "digits-0379/1/model.onnx",
+            "digits-0379/config.pbtxt",
+            "digits-0379/labels.txt",
+        ]
+        assert z.read("digits-0379/labels.txt").decode().split() == ["0", "3", "7", "9"]
+    assert http.get(url, params={"format": "tflite"}).status_code == 422
+    assert journey["bob"].get(url, params={"format": "onnx"}).status_code == 404
 
 
 def test_assembly_can_be_deleted_then_its_models(journey):
