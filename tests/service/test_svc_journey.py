@@ -311,7 +311,9 @@ def test_download_as_onnx_and_triton_repository(journey, tmp_path):
     x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
     session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": x})[0]
-    assert np.abs(got - load_exported(pt)(torch.from_numpy(x)).numpy()).max() < 1e-4
+    want = load_exported(pt)(torch.from_numpy(x)).numpy()
+    # float32: the decision stage's logits reach a few hundred, where 1e-4 is a few ulps
+    assert np.abs(got - want).max() < 1e-4 + 1e-6 * np.abs(want).max()
 
     r = http.get(url, params={"format": "triton"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
