@@ -117,6 +117,24 @@ def load_model(storage: Storage, m: Model):
     return load_source(path, m.arch, list(m.class_names), input_spec(m.input_spec))
 
 
+class SourceClassifier:
+    """A registered source model as a classifier of raw [0, 1] images (it normalises
+    with its input spec's mean and std, as the assembled .pt files do inside)."""
+
+    def __init__(self, source) -> None:
+        import torch
+
+        self.net = source.net()
+        self.spec = source.spec
+        self.class_names = list(source.class_names)
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(shape)
+        self.std = torch.tensor(self.spec.std, dtype=torch.float32).view(shape)
+
+    def __call__(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
 def export(assembled, path: Path) -> None:
     from lego_core import export_model
 

@@ -41,7 +41,8 @@ from sqlalchemy.orm import (
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
-JOB_STATES = ("queued", "running", "succeeded", "failed")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
 # The largest id an id column holds (INTEGER: 32-bit on PostgreSQL); the API refuses
 # larger ones with a 422 instead of letting the database driver overflow.
 MAX_ID = 2**31 - 1
@@ -76,8 +77,14 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
 
 
+# Ids are never reused: SQLite's AUTOINCREMENT (otherwise it hands out max(id) + 1, so
+# the id of a deleted last row comes back); PostgreSQL's sequences never go back.
+NO_REUSE = {"sqlite_autoincrement": True}
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
+    __table_args__ = NO_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -89,11 +96,18 @@ class ApiKey(Base):
 
 
 class Model(Base):
+    """One version of a registered model: registering a name again adds version n + 1."""
+
     __tablename__ = "models"
+    __table_args__ = (
+        UniqueConstraint("owner", "name", "version", name="uq_models_version"),
+        NO_REUSE,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
     name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer, default=1)
     arch: Mapped[str] = mapped_column(String(64))
     class_names: Mapped[list[Any]] = mapped_column(JSON)
     input_spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -111,6 +125,7 @@ class Model(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = NO_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
@@ -126,7 +141,7 @@ class ComponentSet(Base):
     """The located components of one model on one dataset with one set of parameters."""
 
     __tablename__ = "component_sets"
-    __table_args__ = (UniqueConstraint("model_id", "dataset_id", "params_key"),)
+    __table_args__ = (UniqueConstraint("model_id", "dataset_id", "params_key"), NO_REUSE)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
@@ -151,6 +166,7 @@ class Component(Base):
     """Summary row of one class's component (the masks are in the set's artifact)."""
 
     __tablename__ = "components"
+    __table_args__ = NO_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     component_set_id: Mapped[int] = mapped_column(
@@ -168,6 +184,7 @@ class Component(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = NO_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
@@ -186,14 +203,24 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     run_after: Mapped[datetime | None] = mapped_column(default=None)
+    # Set by a cancel request: a queued job ends at once, a running one at its next
+    # progress point (worker.runtime).
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Assembly(Base):
+    """One version of an assembled model: creating a name again adds version n + 1."""
+
     __tablename__ = "assemblies"
+    __table_args__ = (
+        UniqueConstraint("owner", "name", "version", name="uq_assemblies_version"),
+        NO_REUSE,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
     name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer, default=1)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     eval_dataset_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     classes: Mapped[list[Any]] = mapped_column(JSON, default=list)
@@ -213,9 +240,13 @@ class Assembly(Base):
 
 
 class AssemblySource(Base):
-    """Lineage: which classes of which model (and which components) an assembly uses."""
+    """Lineage: which classes of which model (and which components) an assembly uses.
+
+    The model's name, version, weights hash and arch are copied here when the
+    assembly is created, so the lineage names the exact weights on its own."""
 
     __tablename__ = "assembly_sources"
+    __table_args__ = NO_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     assembly_id: Mapped[int] = mapped_column(
@@ -228,8 +259,68 @@ class AssemblySource(Base):
     )
     class_indices: Mapped[list[Any]] = mapped_column(JSON)
     class_names: Mapped[list[Any]] = mapped_column(JSON)
+    model_name: Mapped[str | None] = mapped_column(String(200), default=None)
+    model_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    model_arch: Mapped[str | None] = mapped_column(String(64), default=None)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
 
     assembly: Mapped[Assembly] = relationship(back_populates="sources")
+
+
+class RegisteredName(Base):
+    """A name's version counter (kind "model" or "assembly"): versions are numbered from
+    it, so a deleted version's number is never given to another one."""
+
+    __tablename__ = "registered_names"
+    __table_args__ = (
+        UniqueConstraint("owner", "kind", "name", name="uq_registered_names_name"),
+        NO_REUSE,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Alias(Base):
+    """A movable name for one version (MLflow's `name@alias`): kind is "model" or
+    "assembly", target_id the version's row id."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (
+        UniqueConstraint("owner", "kind", "name", "alias", name="uq_aliases_alias"),
+        NO_REUSE,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    alias: Mapped[str] = mapped_column(String(100))
+    target_id: Mapped[int] = mapped_column(Integer, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` a creating POST was sent with: the same key with the same
+    request answers the resource it created; with another request, 422."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("owner", "scope", "key", name="uq_idempotency_keys_key"),
+        NO_REUSE,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    scope: Mapped[str] = mapped_column(String(32))  # which operation
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the request
+    resource_id: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 # --------------------------------------------------------------------------- engine

@@ -9,8 +9,7 @@ from fastapi import FastAPI
 
 from app.errors import BodyLimitMiddleware, install_handlers
 from app.metrics import MetricsMiddleware
-from app.routers import assemblies, datasets, jobs, models, system
-from app.schemas import API_ERRORS
+from app.routers import assemblies, datasets, jobs, models, system, v2
 from app.services import Services
 from app.settings import Settings, get_settings
 from app.web import install_web
@@ -46,10 +45,11 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
     app.state.services = svc
     app.state.catalog = svc.catalog
     install_handlers(app)
+    install_web(app)  # first: its /models/{ref:path}/size must precede /models/{ref:path}
     for r in (models.router, datasets.router, assemblies.router, jobs.router):
-        app.include_router(r, responses=API_ERRORS)
+        app.include_router(r)
     app.include_router(system.router)
-    install_web(app)
+    app.include_router(v2.router)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware)
     logging.getLogger("lego").setLevel(logging.INFO)

@@ -17,7 +17,9 @@ DbId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 
 
 class LocateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"dataset_id": 1, "samples_per_class": 50}}
+    )
 
     dataset_id: DbId
     samples_per_class: int | None = Field(None, ge=1, le=100_000)
@@ -73,7 +75,19 @@ class OptionsIn(BaseModel):
 
 
 class AssemblyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "name": "digits-0379",
+                "source_classes": [
+                    {"model_id": 1, "classes": ["0", 3]},
+                    {"model_id": 2, "classes": ["7", "9"]},
+                ],
+                "eval_dataset_ids": [2],
+            }
+        },
+    )
 
     source_classes: list[SourceIn] = Field(min_length=1)
     name: str | None = Field(None, max_length=200)
@@ -81,8 +95,21 @@ class AssemblyIn(BaseModel):
     options: OptionsIn = Field(default_factory=OptionsIn)
 
 
-class PredictIn(BaseModel):
+class AliasesIn(BaseModel):
+    """PATCH body of a model or assembly version: the aliases that name it from now on
+    (each moves here from whichever version of the same name had it)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    aliases: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")]] = Field(
+        max_length=50, examples=[["champion"]]
+    )
+
+
+class PredictIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"images": ["iVBORw0KGgo..."], "top_k": 3}}
+    )
 
     images: list[str] = Field(min_length=1, description="base64 (or base64url) PNG/JPEG images")
     top_k: int | None = Field(None, ge=1, le=1000)
@@ -91,32 +118,62 @@ class PredictIn(BaseModel):
 # --------------------------------------------------------------------------- responses
 
 
-class ErrorOut(BaseModel):
-    """Every 4xx and 5xx: a message, or (request validation) a list of problems."""
+class Problem(BaseModel):
+    """Every 4xx and 5xx answer: RFC 9457 problem details (application/problem+json)."""
 
-    detail: str | list[dict[str, Any]] = Field(
-        description="what is wrong; for a request that does not fit the schema, one "
-        "{loc, msg, type} entry per problem"
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "type": "urn:model-lego:problem:not-found",
+                "title": "Not Found",
+                "status": 404,
+                "detail": "model 7 not found",
+                "code": "not-found",
+            }
+        }
     )
 
+    type: str = Field(description="urn:model-lego:problem:<code>")
+    title: str = Field(description="the HTTP status phrase")
+    status: int
+    detail: str = Field(description="what is wrong, as a sentence")
+    code: str = Field(
+        description="stable machine-readable name: not-found, validation-failed, "
+        "model-in-use, not-succeeded, job-in-progress, job-finished, idempotency-key-reused, "
+        "concurrent-update, unknown-class, invalid-model-file, invalid-dataset, invalid-image, "
+        "bad-tensor, too-large, storage-full, catalog-unavailable, broker-unavailable, ..."
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="validation-failed only: one {loc, msg, type} per problem"
+    )
+    error: str | None = Field(None, description="/v2 routes only: the detail again (v2 protocol)")
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` documenting the error statuses an operation may answer."""
-    what = {
-        400: "Body that cannot be parsed",
-        401: "Missing, malformed, unknown or revoked API key",
-        404: "Not found (or another owner's)",
-        409: "Conflicts with the resource's state",
-        413: "Body over the configured limit",
-        415: "Unsupported content type",
-        422: "Bad input, with a message naming the problem",
-        503: "A dependency (catalog database, job broker) is unavailable; try again later",
-        507: "The artifact storage is full",
+
+ERROR_TEXT = {
+    400: "A body that cannot be parsed (v2 protocol: a tensor that does not fit the model)",
+    401: "Missing, malformed, unknown or revoked API key",
+    404: "Not found (or another owner's)",
+    409: "Conflicts with the resource's state (code names which)",
+    413: "Body over the configured limit",
+    415: "Unsupported content type",
+    422: "Bad input, with a message naming the problem",
+    503: "A dependency (catalog database, job broker) is unavailable; try again later",
+    507: "The artifact storage is full",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the error statuses an operation can answer."""
+    return {
+        c: {
+            "model": Problem,
+            "description": ERROR_TEXT[c],
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for c in codes
     }
-    return {c: {"model": ErrorOut, "description": what[c]} for c in codes}
-
-
-API_ERRORS = error_responses(400, 401, 404, 409, 413, 415, 422, 503, 507)
 
 
 class JobOut(BaseModel):
@@ -136,6 +193,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    cancel_requested: bool = Field(
+        False, description="cancellation was asked for (a running job stops at its next step)"
+    )
 
     @classmethod
     def of(cls, j: Job) -> JobOut:
@@ -157,6 +217,7 @@ class JobOut(BaseModel):
             started_at=j.started_at,
             finished_at=j.finished_at,
             heartbeat_at=j.heartbeat_at,
+            cancel_requested=j.cancel_requested_at is not None,
         )
 
 
@@ -170,6 +231,8 @@ class ComponentSetBrief(BaseModel):
 class ModelOut(BaseModel):
     id: int
     name: str
+    version: int = Field(description="1 for the first registration of its name, then 2, 3, ...")
+    aliases: list[str] = Field([], description="aliases naming this version (`name@alias`)")
     arch: str
     class_names: list[str]
     input_spec: dict[str, Any]
@@ -178,12 +241,22 @@ class ModelOut(BaseModel):
     created_at: datetime
     component_sets: list[ComponentSetBrief] = []
     locate_job_id: int | None = None
+    used_by: list[int] = Field([], description="ids of the assemblies built from this model")
 
     @classmethod
-    def of(cls, m: Model, locate_job_id: int | None = None) -> ModelOut:
+    def of(
+        cls,
+        m: Model,
+        locate_job_id: int | None = None,
+        aliases: list[str] | None = None,
+        used_by: list[int] | None = None,
+    ) -> ModelOut:
         return cls(
             id=m.id,
             name=m.name,
+            version=m.version,
+            aliases=aliases or [],
+            used_by=used_by or [],
             arch=m.arch,
             class_names=list(m.class_names),
             input_spec=m.input_spec,
@@ -283,35 +356,76 @@ class ComponentsOut(BaseModel):
 
 class SourceOut(BaseModel):
     model_id: int
+    model_name: str | None = Field(description="the source model's name when assembled")
+    model_version: int | None
+    model_arch: str | None
+    weights_sha256: str | None = Field(description="sha256 of the source weights used")
     classes: list[str]
     class_indices: list[int]
     component_set_id: int | None
 
 
+class AssemblyOptions(BaseModel):
+    scaling: str | None = Field(None, description="how branch logits were scaled")
+    form: str | None = Field(None, description="branches or padded")
+
+
+class AssemblyMetrics(BaseModel):
+    """Accuracy on the evaluation datasets (percent, as in the paper) and the size."""
+
+    model_config = ConfigDict(extra="allow")
+
+    accuracy: float | None = Field(None, description="the assembled model's accuracy (%)")
+    base_accuracy: float | None = Field(
+        None, description="mean accuracy of the source models on their own classes (%)"
+    )
+    per_class: dict[str, Any] | None = None
+    images: int | None = Field(None, description="evaluation images")
+    params: int | None = None
+    flops: int | None = None
+
+
+class AssemblyClass(BaseModel):
+    """One output class of an assembly and where it comes from."""
+
+    index: int = Field(description="position in the assembled model's output")
+    name: str
+    source_model_id: int | None
+    source_model_name: str | None
+    source_model_version: int | None = None
+    source_weights_sha256: str | None = None
+    source_class: str | None
+    source_class_index: int | None
+
+
 class AssemblyOut(BaseModel):
     id: int
     name: str
+    version: int = Field(description="1 for the first assembly of its name, then 2, 3, ...")
+    aliases: list[str] = []
     status: str
     progress: float
     error: str | None
     job_id: int | None
-    classes: list[dict[str, Any]]
+    classes: list[AssemblyClass]
     sources: list[SourceOut]
-    options: dict[str, Any]
+    options: AssemblyOptions
     eval_dataset_ids: list[int]
-    metrics: dict[str, Any] | None
+    metrics: AssemblyMetrics | None
     input_spec: dict[str, Any] | None
     artifact_sha256: str | None
     download_url: str | None
     created_at: datetime
 
     @classmethod
-    def of(cls, a: Assembly) -> AssemblyOut:
+    def of(cls, a: Assembly, aliases: list[str] | None = None) -> AssemblyOut:
         j = a.job
         status = j.status if j else "failed"
         return cls(
             id=a.id,
             name=a.name,
+            version=a.version,
+            aliases=aliases or [],
             status=status,
             progress=j.progress if j else 0.0,
             error=j.error if j else "its job was removed",
@@ -320,6 +434,10 @@ class AssemblyOut(BaseModel):
             sources=[
                 SourceOut(
                     model_id=s.model_id,
+                    model_name=s.model_name,
+                    model_version=s.model_version,
+                    model_arch=s.model_arch,
+                    weights_sha256=s.weights_sha256,
                     classes=s.class_names,
                     class_indices=s.class_indices,
                     component_set_id=s.component_set_id,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 
 from app.catalog import Catalog, Job, get_catalog, utcnow
+from app.errors import ApiError
 from app.predict import ModelCache
 from app.settings import Settings
 from app.storage import Storage
@@ -83,7 +84,9 @@ class Services:
                 if job is not None and job.status == "queued":
                     job.status, job.finished_at = "failed", utcnow()
                     job.error = f"could not reach the job broker: {exc}"
-            raise HTTPException(503, "the job broker is unreachable; try again later") from exc
+            raise ApiError(
+                503, "the job broker is unreachable; try again later", "broker-unavailable"
+            ) from exc
 
     def broker_ok(self) -> tuple[bool, str]:
         if self.settings.embedded_broker:

@@ -18,11 +18,21 @@ from lego_core.assemble import DEFAULT_CALIBRATION_PER_CLASS
 MiB = 1024 * 1024
 
 
+def default_var_dir() -> Path:
+    """`var/` of the checkout this code runs from (so that `lego ...` run from any folder
+    uses the catalog `make run` made); `./var` for an installed package."""
+    root = Path(__file__).resolve().parent.parent
+    return root / "var" if (root / "pyproject.toml").is_file() else Path("var")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEGO_", extra="ignore")
 
     # Where things live.
-    var_dir: Path = Field(Path("var"), description="Base directory of the embedded default.")
+    var_dir: Path = Field(
+        default_factory=default_var_dir,
+        description="Base directory of the embedded default (default: var/ of the checkout).",
+    )
     database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite in var_dir.")
     broker_url: str = Field("", description="Celery broker (redis://...); empty: embedded runner.")
     result_backend: str = Field("", description="Celery result backend; empty: none needed.")

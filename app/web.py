@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field
 from app import adapters
 from app.auth import current_owner
 from app.catalog import Model
-from app.routers.common import PathId, owned
-from app.schemas import API_ERRORS
+from app.routers.common import PathRef, resolve
+from app.schemas import errors
 from app.services import Services, services
 
 STATIC = Path(__file__).with_name("static")
@@ -123,12 +123,12 @@ def model_size(svc: Services, m: Model) -> tuple[int, int]:
     return out
 
 
-@api.get("/models/{model_id}/size", response_model=ModelSize)
-def get_model_size(model_id: PathId, owner: Owner, svc: Svc) -> ModelSize:
+@api.get("/models/{ref:path}/size", responses=errors(401, 404, 422, 503), response_model=ModelSize)
+def get_model_size(ref: PathRef, owner: Owner, svc: Svc) -> ModelSize:
     """Params and FLOPs of the whole model: what each class component's share is
     measured against."""
     with svc.catalog.session() as s:
-        m = owned(s, Model, model_id, owner, "model")
+        m = resolve(s, Model, ref, owner, "model")
         s.expunge(m)
     params, flops = model_size(svc, m)
     return ModelSize(model_id=m.id, params=params, flops=flops)
@@ -165,9 +165,10 @@ def openapi_with_bearer(app: FastAPI):
 
 def install_web(app: FastAPI) -> None:
     """Add the page, its static files, the offline docs and Bearer auth in OpenAPI.
-    The app must be created with docs_url=None and redoc_url=None."""
+    The app must be created with docs_url=None and redoc_url=None, and this called
+    before the API routers: `/models/{ref:path}/size` must precede `/models/{ref:path}`."""
     app.include_router(pages)
-    app.include_router(api, responses=API_ERRORS)
+    app.include_router(api)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/docs-static", StaticFiles(directory=DOCS_STATIC), name="docs-static")
     app.openapi = openapi_with_bearer(app)

@@ -449,7 +449,7 @@ def http_concurrent(
             c.close()
 
 
-PREDICT_ROUTE = "/api/v1/assemblies/{assembly_id}/predict"
+PREDICT_ROUTE = "/api/v1/assemblies/{ref:path}/predict"
 
 
 def app_seconds(api: Api, method: str) -> tuple[float, int]:

@@ -11,6 +11,10 @@ API's embedded runner thread) calls `execute(env, job_id)`, which
 4. records the outcome in one transaction that only applies while this runner
    still owns the job.
 
+`request_cancel(session, job_id)` ends a queued job at once (`cancelled`); a running
+job ends `cancelled` at its next progress point, and the artifacts it stored are
+deleted unless another row uses them.
+
 `reap(env)` finds running jobs whose heartbeat is older than `job_stale_s` (their
 process died: SIGKILL, OOM, lost machine) and puts them back in the queue, or
 marks them failed once they used `job_max_attempts` attempts.
@@ -59,6 +63,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     RedisConnectionError,
 )
+
+
+class Cancelled(Exception):
+    """Raised at a progress point of a job whose cancellation was requested."""
 
 
 class Deferred(Exception):
@@ -120,6 +128,7 @@ class JobContext:
         self.kind = job.kind
         self.payload = dict(job.payload or {})
         self.worker = worker
+        self.stored: list[str] = []  # artifacts stored by this run (removed if cancelled)
         self._last = 0.0
 
     @property
@@ -135,8 +144,15 @@ class JobContext:
     def session(self):
         return self.env.catalog.session()
 
+    def store_file(self, path) -> tuple[str, int]:
+        """storage.store_file, remembering the artifact (a cancelled run removes it)."""
+        sha, size = self.storage.store_file(path)
+        self.stored.append(sha)
+        return sha, size
+
     def progress(self, fraction: float, message: str = "") -> None:
-        """Record progress (at most a few writes a second); also a heartbeat."""
+        """Record progress (at most a few writes a second); also a heartbeat. Raises
+        Cancelled when the job's cancellation was requested."""
         now = time.monotonic()
         if fraction < 1.0 and now - self._last < 0.5:
             return
@@ -144,15 +160,22 @@ class JobContext:
         fraction = min(max(float(fraction), 0.0), 1.0)
         try:
             with self.session() as s:
-                s.execute(
+                res = s.execute(
                     update(Job)
                     .where(
-                        Job.id == self.job_id, Job.status == "running", Job.worker == self.worker
+                        Job.id == self.job_id,
+                        Job.status == "running",
+                        Job.worker == self.worker,
+                        Job.cancel_requested_at.is_(None),
                     )
                     .values(progress=fraction, message=message[:500], heartbeat_at=utcnow())
                 )
+                written = res.rowcount == 1
         except DBAPIError:  # progress is best effort; the heartbeat thread retries
             log.warning("job %s: could not record progress", self.job_id, exc_info=True)
+            return
+        if not written and cancel_requested(self.env, self.job_id):
+            raise Cancelled(f"job {self.job_id} was cancelled")
 
     def sub(self, start: float, end: float) -> Callable[[float, str], None]:
         """A progress callback that maps 0..1 onto start..end of this job."""
@@ -218,12 +241,59 @@ def create_job(session: Session, owner: str, kind: str, payload: dict, max_attem
 # --------------------------------------------------------------------------- execute
 
 
+def request_cancel(session: Session, job_id: int) -> None:
+    """Cancel a job: a queued one ends `cancelled` now; a running one is asked to stop
+    (it ends `cancelled` at its next progress point). Finished jobs are left alone."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="cancelled",
+            cancel_requested_at=now,
+            finished_at=now,
+            message="cancelled",
+            worker=None,
+        )
+    )
+    if res.rowcount != 1:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.cancel_requested_at.is_(None))
+            .values(cancel_requested_at=now, message="cancelling")
+        )
+
+
+def cancel_requested(env: Env, job_id: int) -> bool:
+    with env.catalog.session() as s:
+        return s.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+
+
+def _cancel(env: Env, ctx: JobContext) -> Outcome:
+    """End a running job `cancelled`, deleting the artifacts it stored (unless in use)."""
+    from app.catalog import artifact_in_use
+
+    now = utcnow()
+    ok = _finish(
+        env,
+        ctx.job_id,
+        ctx.worker,
+        {"status": "cancelled", "finished_at": now, "message": "cancelled", "error": None},
+    )
+    with env.catalog.session() as s:
+        for sha in ctx.stored:
+            if not artifact_in_use(s, sha):
+                env.storage.delete(sha)
+    log.info("job %s cancelled%s", ctx.job_id, "" if ok else " (outcome dropped)")
+    return Outcome("cancelled")
+
+
 def claim(env: Env, job_id: int, worker: str) -> Job | None:
     now = utcnow()
     with env.catalog.session() as s:
         res = s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
+            .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested_at.is_(None))
             .values(
                 status="running",
                 attempts=Job.attempts + 1,
@@ -283,7 +353,18 @@ def _requeue(
     if not count_attempt:
         values["attempts"] = Job.attempts - 1
     _finish(env, job_id, worker, values)
+    with env.catalog.session() as s:  # cancelled while it ran: it ends here
+        request_cancel_if_asked(s, job_id)
     return Outcome("retry", retry_in=delay)
+
+
+def request_cancel_if_asked(session: Session, job_id: int) -> None:
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested_at.is_not(None))
+        .values(status="cancelled", finished_at=now, message="cancelled")
+    )
 
 
 def execute(env: Env, job_id: int, worker: str | None = None) -> Outcome:
@@ -310,6 +391,10 @@ def execute(env: Env, job_id: int, worker: str | None = None) -> Outcome:
             if handler is None:
                 raise LegoError(f"unknown job kind {job.kind!r}")
             result = handler(ctx)
+            if cancel_requested(env, job.id):  # asked after its last progress point
+                raise Cancelled(f"job {job.id} was cancelled")
+        except Cancelled:
+            return _cancel(env, ctx)
         except Deferred as exc:
             return _requeue(env, job.id, worker, exc.delay_s, str(exc), count_attempt=False)
         except LegoError as exc:
@@ -374,6 +459,7 @@ def reap(
     cutoff = utcnow() - timedelta(seconds=stale_s)
     requeued: list[int] = []
     failed: list[int] = []
+    cancelled: list[int] = []
     with env.catalog.session() as s:
         stale = s.execute(
             select(Job.id, Job.worker, Job.attempts, Job.max_attempts).where(
@@ -385,6 +471,14 @@ def reap(
             cond = update(Job).where(
                 Job.id == job_id, Job.status == "running", Job.heartbeat_at < cutoff
             )
+            res = s.execute(  # its cancellation was asked for: it ends here
+                cond.where(Job.cancel_requested_at.is_not(None)).values(
+                    status="cancelled", finished_at=utcnow(), message="cancelled"
+                )
+            )
+            if res.rowcount == 1:
+                cancelled.append(job_id)
+                continue
             if attempts < max_attempts:
                 res = s.execute(
                     cond.values(
@@ -420,6 +514,8 @@ def reap(
             except Exception:
                 log.exception("reaper: could not dispatch job %s", job_id)
     out = {"requeued": requeued, "failed": failed}
+    if cancelled:
+        out["cancelled"] = cancelled
     if dispatch is not None and queue_empty is not None:
         resent = resend_lost(env, dispatch, queue_empty)
         if resent:

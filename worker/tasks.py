@@ -110,7 +110,7 @@ def locate_job(ctx: JobContext) -> Result:
     with ctx.storage.temp_path(".pt") as t:
         comps.save(t)
         Components.load(t)  # what was written reads back
-        sha, _ = ctx.storage.store_file(t)
+        sha, _ = ctx.store_file(t)
     summary = comps.summary()
     used = dict(getattr(comps, "parameters", None) or parameters)
 
@@ -222,10 +222,17 @@ def assemble_job(ctx: JobContext) -> Result:
         ]
         metrics = evaluate_assembly(assembled, datasets)
 
+    # The lineage in the file names the exact source weights, not only a catalog id
+    # (which says nothing outside this catalog).
+    for entry in assembled.lineage:
+        m = models.get(entry.get("source"))
+        if m is not None:
+            entry.update(source_lineage(m))
+
     ctx.progress(0.95, "exporting")
     with ctx.storage.temp_path(".pt") as t:
         adapters.export(assembled, t)
-        sha, size = ctx.storage.store_file(t)
+        sha, size = ctx.store_file(t)
 
     classes = []
     for i, entry in enumerate(assembled.lineage):
@@ -236,6 +243,8 @@ def assemble_job(ctx: JobContext) -> Result:
                 "name": assembled.class_names[i],
                 "source_model_id": m.id if m else None,
                 "source_model_name": m.name if m else None,
+                "source_model_version": m.version if m else None,
+                "source_weights_sha256": m.weights_sha256 if m else None,
                 "source_class": entry.get("class_name"),
                 "source_class_index": entry.get("class_index"),
             }
@@ -256,6 +265,16 @@ def assemble_job(ctx: JobContext) -> Result:
         return None
 
     return Result({"artifact_sha256": sha, "bytes": size, "classes": len(classes)}, apply)
+
+
+def source_lineage(m: Model) -> dict:
+    return {
+        "source_model_id": m.id,
+        "source_model_name": m.name,
+        "source_model_version": m.version,
+        "source_arch": m.arch,
+        "source_weights_sha256": m.weights_sha256,
+    }
 
 
 def _jsonable(x):

@@ -30,6 +30,8 @@ def _checks(svc: Services) -> dict[str, dict]:
         checks["database"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
     ok, detail = svc.broker_ok()
     checks["broker"] = {"ok": ok, "detail": detail[:300]}
+    if not svc.settings.embedded_broker:
+        checks["workers"] = _workers_check(svc)
     try:
         svc.storage.check_writable()
         free, minimum = svc.storage.free_bytes(), svc.settings.min_free_disk_bytes
@@ -42,10 +44,25 @@ def _checks(svc: Services) -> dict[str, dict]:
     return checks
 
 
+def _workers_check(svc: Services) -> dict:
+    """Full stack: is any `lego worker` alive (its beacon in Redis not expired)?"""
+    from worker.beacon import alive_workers, uses_redis
+
+    if not uses_redis(svc.settings):
+        return {"ok": True, "detail": "not checked (the broker is not Redis)"}
+    try:
+        alive = alive_workers(svc.settings)
+    except Exception as exc:
+        return {"ok": False, "detail": f"cannot read worker beacons: {exc}"[:300]}
+    if not alive:
+        return {"ok": False, "detail": "no worker is alive (start `lego worker`)", "alive": []}
+    return {"ok": True, "detail": f"{len(alive)} alive", "alive": alive[:50]}
+
+
 @router.get("/readyz", responses={503: {"description": "Not ready: the failing checks"}})
 async def readyz(svc: Svc):
-    """Database, broker and storage reachable, storage with enough free space: 200, else
-    503 with what failed."""
+    """Database, broker and storage reachable, storage with enough free space and (full
+    stack) at least one worker alive: 200, else 503 with what failed."""
     checks = await run_in_threadpool(_checks, svc)
     ready = all(c["ok"] for c in checks.values())
     return JSONResponse(

@@ -16,7 +16,8 @@ from service_helpers import JOURNEY_NEEDS, MNIST_SPEC_DICT, needs_lego
 pytestmark = [needs_lego(*JOURNEY_NEEDS), pytest.mark.slow]
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
-PUBLIC |= {"/redoc", "/", "/ui/config"}  # the web page and what its forms offer
+PUBLIC |= {"/redoc", "/v2", "/v2/health/live", "/v2/health/ready"}
+PUBLIC |= {"/", "/ui/config"}  # the web page and what its forms offer
 
 
 def routes(app) -> list[tuple[str, str]]:
@@ -31,7 +32,8 @@ def routes(app) -> list[tuple[str, str]]:
     def walk(items):
         for r in items:
             if isinstance(r, APIRoute):
-                out.update((m, r.path) for m in r.methods - {"HEAD", "OPTIONS"})
+                path = r.path.replace(":path}", "}")  # {ref:path} is {ref} in OpenAPI
+                out.update((m, path) for m in r.methods - {"HEAD", "OPTIONS"})
             elif hasattr(r, "routes"):
                 walk(r.routes)
 
@@ -41,13 +43,19 @@ def routes(app) -> list[tuple[str, str]]:
 
 def request_for(ready, method: str, path: str, owner_ids: dict) -> dict:
     """A request that would succeed for the owner (so only the key decides)."""
-    url = path.format(**owner_ids)
+    ref = owner_ids["assembly_id"] if path.startswith("/api/v1/assemblies") else None
+    url = path.format(**owner_ids, ref=ref or owner_ids["model_id"])
     kw: dict = {}
     if path.endswith("/predict"):
         if method == "GET":
             kw["params"] = {"image": "AAAA"}
         else:
             kw["json"] = {"images": ["AAAA"]}
+    elif method == "PATCH":
+        kw["json"] = {"aliases": []}
+    elif path.endswith("/infer"):
+        kw["json"] = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                  "data": [0.0] * 784}]}  # fmt: skip
     elif path.endswith("/locate"):
         kw["json"] = {"dataset_id": owner_ids["dataset_id"]}
     elif path == "/api/v1/assemblies" and method == "POST":
@@ -80,6 +88,8 @@ def setup(ready):
         "dataset_id": ready.ids["dataset"],
         "assembly_id": ready.ids["assembly"],
         "job_id": ready.ids["assembly_job"],
+        "name": ready.ids["assembly"],  # v2 {name}: an id works too
+        "version": 1,
     }
     return {"revoked": revoked, "ids": ids}
 
@@ -90,7 +100,7 @@ def test_every_route_checks_the_key(ready, setup, figures, caplog):
     all_routes = routes(app)
     api_routes = [(m, p) for m, p in all_routes if p not in PUBLIC]
     assert len(api_routes) >= 17, api_routes
-    assert all(p.startswith("/api/v1/") for _, p in api_routes)
+    assert all(p.startswith(("/api/v1/", "/v2/models/")) for _, p in api_routes)
     keys = ready.keys
     valid = keys["alice"]
     malformed = {

@@ -107,7 +107,11 @@ def test_fuzz_openapi_schema(ready, figures):
             unsatisfiable.append(label)
 
     for op in operations:
-        fixed = {k: v for k, v in real.items() if "{" + k + "}" in op.path}
+        # {ref} is a model's or an assembly's (id, name@alias, name/version); {name} and
+        # {version} of the v2 routes are an assembly's.
+        ref = real["assembly_id"] if op.path.startswith("/api/v1/assemblies") else real["model_id"]
+        real_here = {**real, "ref": str(ref), "name": str(real["assembly_id"]), "version": "1"}
+        fixed = {k: v for k, v in real_here.items() if "{" + k + "}" in op.path}
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             run(op, op.as_strategy(generation_mode=mode), f"{op.label} [{mode.value}]")
             if fixed:

@@ -213,7 +213,7 @@ def wait_job(fetch, timeout: float = 180.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = fetch()
-        if job["status"] in ("succeeded", "failed"):
+        if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         if time.monotonic() > deadline:
             raise AssertionError(f"job did not finish: {job}")
@@ -371,6 +371,9 @@ class Http:
     def delete(self, url, **kw):
         return self.client.delete(url, headers=self._h(kw), **kw)
 
+    def patch(self, url, **kw):
+        return self.client.patch(url, headers=self._h(kw), **kw)
+
     def wait_job(self, job_id: int, timeout: float = 240.0) -> dict:
         return wait_job(lambda: self.get(f"/api/v1/jobs/{job_id}").json(), timeout)
 
@@ -518,7 +521,8 @@ def run_journey(
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 2
 
-    assert http.delete(f"/api/v1/models/{a['id']}").status_code == 409
+    r = http.delete(f"/api/v1/models/{a['id']}")
+    assert r.status_code == 409 and r.json()["code"] == "model-in-use"
     return {
         "dataset": ds["id"],
         "a": a["id"],

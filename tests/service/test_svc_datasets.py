@@ -62,6 +62,26 @@ def test_upload_tar_gz_zip_and_tar(api, mnist_small, mnist_members):
     listed = api.get("/api/v1/datasets").json()
     assert [x["name"] for x in listed] == ["ds", "zipped", "plain"]
     assert api.get(f"/api/v1/datasets/{d['id']}").json()["id"] == d["id"]
+    r = api.get("/api/v1/datasets", params={"name": "zipped"})
+    assert [x["name"] for x in r.json()] == ["zipped"] and r.headers["x-total-count"] == "1"
+
+
+def test_idempotency_key_and_location(api, mnist_members):
+    two = {k: mnist_members[k][:2] for k in ("3", "7")}
+    blob = zip_with([(f"{c}/{n}", b) for c in two for n, b in two[c]])
+    key = {"Idempotency-Key": "upload-1"}
+
+    def post(name="ds"):
+        files = {"archive": ("d.zip", blob, "application/octet-stream")}
+        return api.post("/api/v1/datasets", data={"name": name}, files=files, headers=key)
+
+    first, again = post(), post()
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert first.headers["location"] == again.headers["location"]
+    assert first.headers["location"] == f"/api/v1/datasets/{first.json()['id']}"
+    assert post("renamed").json()["code"] == "idempotency-key-reused"
+    assert api.get("/api/v1/datasets").headers["x-total-count"] == "1"
 
 
 def test_server_side_path(api, mnist_small, tmp_path):

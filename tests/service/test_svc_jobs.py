@@ -15,7 +15,7 @@ from app.catalog import Job, upgrade, utcnow
 from lego_core.errors import LegoError
 from worker import tasks
 from worker.embedded import EmbeddedRunner
-from worker.runtime import Deferred, Env, Result, create_job, execute, reap
+from worker.runtime import Deferred, Env, Result, create_job, execute, reap, request_cancel
 
 
 @pytest.fixture
@@ -207,3 +207,80 @@ def test_embedded_runner_runs_queued_jobs_in_order(env, handlers):
         assert runner.alive()
     finally:
         runner.stop()
+
+
+def test_cancel_a_queued_job_ends_it_at_once(env, handlers):
+    handlers["test"] = lambda ctx: Result()
+    jid = submit(env)
+    with env.catalog.session() as s:
+        request_cancel(s, jid)
+    j = job(env, jid)
+    assert j.status == "cancelled" and j.finished_at and j.cancel_requested_at
+    assert execute(env, jid).state == "skipped"  # a message still in the queue: nothing
+    assert job(env, jid).status == "cancelled"
+
+
+def _stored(ctx, tmp_path, text: str) -> str:
+    f = tmp_path / f"{text}.bin"
+    f.write_text(text)
+    return ctx.store_file(f)[0]
+
+
+def test_cancel_stops_a_running_job_at_its_next_progress_point(env, handlers, tmp_path):
+    steps, shas = [], []
+
+    def slow(ctx):
+        shas.append(_stored(ctx, tmp_path, "partial"))
+        for i in range(400):
+            ctx.progress(i / 400, f"step {i}")
+            steps.append(i)
+            time.sleep(0.02)
+        return Result()
+
+    handlers["test"] = slow
+    jid = submit(env)
+    outcome = []
+    t = threading.Thread(target=lambda: outcome.append(execute(env, jid)))
+    t.start()
+    wait_job(lambda: {"status": "succeeded" if len(steps) > 5 else "running"}, timeout=30)
+    with env.catalog.session() as s:
+        request_cancel(s, jid)
+    t.join(timeout=30)
+    assert outcome[0].state == "cancelled" and len(steps) < 400
+    j = job(env, jid)
+    assert j.status == "cancelled" and j.finished_at and j.error is None
+    assert not env.storage.exists(shas[0])  # its partial artifact is gone
+
+
+def test_cancel_after_the_last_progress_point_still_cancels(env, handlers, tmp_path):
+    stored, go, shas = threading.Event(), threading.Event(), []
+
+    def finishing(ctx):
+        shas.append(_stored(ctx, tmp_path, "whole"))
+        stored.set()
+        go.wait(30)
+        return Result({"artifact": shas[0]})
+
+    handlers["test"] = finishing
+    jid = submit(env)
+    outcome = []
+    t = threading.Thread(target=lambda: outcome.append(execute(env, jid)))
+    t.start()
+    assert stored.wait(30)
+    with env.catalog.session() as s:
+        request_cancel(s, jid)
+    go.set()
+    t.join(timeout=30)
+    assert outcome[0].state == "cancelled" and job(env, jid).status == "cancelled"
+    assert not env.storage.exists(shas[0])
+
+
+def test_reaper_ends_a_dead_job_that_was_being_cancelled(env, handlers):
+    jid = submit(env)
+    with env.catalog.session() as s:
+        j = s.get(Job, jid)
+        j.status, j.worker, j.attempts = "running", "dead-host:1", 1
+        j.heartbeat_at = utcnow() - timedelta(seconds=60)
+        j.cancel_requested_at = utcnow()
+    assert reap(env)["cancelled"] == [jid]
+    assert job(env, jid).status == "cancelled"

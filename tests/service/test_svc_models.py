@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from service_helpers import MNIST_SPEC_DICT, needs_lego, snapshot
+from service_helpers import MNIST_SPEC_DICT, needs_lego, snapshot, wait_job
 
 pytestmark = needs_lego("load_source_model", "build_model", "ARCHITECTURES")
 
@@ -26,7 +26,7 @@ def lenet_bytes() -> bytes:
     return buf.getvalue()
 
 
-def post_model(api, weights: bytes, who="alice", **over):
+def post_model(api, weights: bytes, who="alice", headers=None, **over):
     data = {
         "name": "m",
         "arch": "lenet",
@@ -39,6 +39,7 @@ def post_model(api, weights: bytes, who="alice", **over):
     return api.post(
         "/api/v1/models",
         who=who,
+        headers=headers or {},
         data=data,
         files={"weights": ("lenet.pt", weights, "application/octet-stream")},
     )
@@ -217,3 +218,82 @@ def test_bad_locate_requests(api, lenet_bytes, mnist_small):
     r = post_model(api, lenet_bytes, dataset_id=str(ds["id"]))  # locate at registration
     assert r.status_code == 422 and "none of model" in r.json()["detail"]
     assert snapshot(api.svc) == before
+
+
+def test_names_have_versions_aliases_and_pages(api, lenet_bytes):
+    ids = [post_model(api, lenet_bytes, name=n).json()["id"] for n in ("m", "m", "other")]
+    m1, m2 = (api.get(f"/api/v1/models/{i}").json() for i in ids[:2])
+    assert (m1["version"], m2["version"]) == (1, 2)
+    assert api.get("/api/v1/models/m").json()["id"] == ids[1]  # the latest version
+    assert api.get("/api/v1/models/m/1").json()["id"] == ids[0]
+    r = api.client.patch(
+        "/api/v1/models/m/1", headers=api.alice, json={"aliases": ["prod", "stable"]}
+    )
+    assert r.status_code == 200 and r.json()["aliases"] == ["prod", "stable"]
+    assert api.get("/api/v1/models/m@prod").json()["id"] == ids[0]
+    assert api.get("/api/v1/models/m@prod/components").json()["model_id"] == ids[0]
+    api.client.patch("/api/v1/models/m/2", headers=api.alice, json={"aliases": ["prod"]})
+    assert api.get("/api/v1/models/m@prod").json()["id"] == ids[1]
+    assert api.get("/api/v1/models/m@stable").json()["id"] == ids[0]
+    assert api.get("/api/v1/models/m@prod", who="bob").status_code == 404
+    assert api.get("/api/v1/models/m/7").status_code == 404
+
+    r = api.get("/api/v1/models", params={"limit": 2})
+    assert [x["id"] for x in r.json()] == ids[:2] and r.headers["x-total-count"] == "3"
+    assert r.headers["link"] == '</api/v1/models?limit=2&offset=2>; rel="next"'
+    r = api.get("/api/v1/models", params={"limit": 2, "offset": 2})
+    assert [x["id"] for x in r.json()] == ids[2:] and "link" not in r.headers
+    r = api.get("/api/v1/models", params={"name": "m"})
+    assert [x["id"] for x in r.json()] == ids[:2] and r.headers["x-total-count"] == "2"
+
+    for bad in ("a/b", "a@b", "123"):
+        r = post_model(api, lenet_bytes, name=bad)
+        assert r.status_code == 422 and "name" in r.json()["detail"], bad
+
+    # The latest version deleted: neither its id nor its version number comes back.
+    assert api.delete("/api/v1/models/m@prod").status_code == 204
+    assert api.get("/api/v1/models/m@prod").status_code == 404
+    m3 = post_model(api, lenet_bytes, name="m").json()
+    assert m3["id"] == ids[2] + 1 and m3["version"] == 3
+
+
+def test_idempotency_key_replays_the_first_registration(api, lenet_bytes):
+    key = {"Idempotency-Key": "reg-1"}
+    first = post_model(api, lenet_bytes, headers=key)
+    again = post_model(api, lenet_bytes, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"] and again.json()["version"] == 1
+    assert again.headers["location"] == f"/api/v1/models/{first.json()['id']}"
+    r = post_model(api, lenet_bytes, headers=key, name="other")  # same key, other request
+    assert r.status_code == 422 and r.json()["code"] == "idempotency-key-reused"
+    assert post_model(api, lenet_bytes, who="bob", headers=key).json()["id"] != first.json()["id"]
+    assert post_model(api, lenet_bytes).json()["version"] == 2  # no key: a new version
+    assert api.get("/api/v1/models").headers["x-total-count"] == "2"
+
+
+def test_cancel_a_running_locate_job_over_http(api, lenet_bytes, mnist_small):
+    r = api.post("/api/v1/datasets", data={"name": "d"}, files={"archive": ("d.tgz", mnist_small)})
+    ds = r.json()["id"]
+    api.svc.settings.debug_job_delay_s = 1.0  # the job runs for a while before its first step
+    digits = json.dumps(list("01234"))
+    m = post_model(api, lenet_bytes, dataset_id=str(ds), class_names=digits).json()
+    jid = m["locate_job_id"]
+    wait_job(lambda: {"status": "failed" if api.get(f"/api/v1/jobs/{jid}").json()["status"]
+                      == "running" else "queued"}, timeout=30)  # fmt: skip
+    r = api.post(f"/api/v1/jobs/{jid}/cancel")
+    assert r.status_code == 202 and r.json()["cancel_requested"] and r.json()["status"] == "running"
+    job = api.wait_job(jid)
+    assert job["status"] == "cancelled" and job["error"] is None
+    assert api.get(f"/api/v1/models/{m['id']}/components").json()["component_sets"] == []
+    assert api.delete(f"/api/v1/jobs/{jid}").json()["status"] == "cancelled"  # again: no-op
+    r = api.get("/api/v1/jobs", params={"status": "cancelled"})
+    assert [j["id"] for j in r.json()] == [jid]
+
+    api.svc.settings.debug_job_delay_s = 0.0
+    r = api.post(f"/api/v1/models/{m['id']}/locate", json={"dataset_id": ds})
+    assert r.status_code == 202 and r.headers["location"] == f"/api/v1/jobs/{r.json()['job_id']}"
+    done = api.wait_job(r.json()["job_id"])
+    assert done["status"] == "succeeded"
+    r = api.post(f"/api/v1/jobs/{done['id']}/cancel")
+    assert r.status_code == 409 and r.json()["code"] == "job-finished"
+    assert api.post("/api/v1/jobs/999/cancel").status_code == 404

@@ -31,9 +31,9 @@ def test_health_ready_metrics_docs(api):
         "/api/v1/models",
         "/api/v1/datasets",
         "/api/v1/assemblies",
-        "/api/v1/assemblies/{assembly_id}/predict",
+        "/api/v1/assemblies/{ref}/predict",
         "/api/v1/jobs/{job_id}",
-        "/api/v1/models/{model_id}/routes.svg",
+        "/api/v1/models/{ref}/routes.svg",
     ):
         assert p in paths
 
@@ -144,3 +144,123 @@ def test_streamed_body_over_the_limit_is_413(api):
         "/api/v1/assemblies", content=b"x" * 20_000, headers={"content-type": "application/json"}
     )
     assert r.status_code == 413
+
+
+def test_every_error_is_a_problem_details_document(api):
+    """RFC 9457: type, title, status, a human-readable detail and a stable code."""
+    cases = [
+        (api.get("/api/v1/models/999"), 404, "not-found"),
+        (api.client.get("/api/v1/models"), 401, "unauthorized"),
+        (api.client.get("/nowhere"), 404, "not-found"),
+        (api.client.put("/api/v1/jobs", headers=api.alice), 405, "method-not-allowed"),
+        (api.post("/api/v1/assemblies", json={"source_classes": [{}]}), 422, "validation-failed"),
+        (api.get("/api/v1/models", params={"limit": 0}), 422, "validation-failed"),
+        (api.get("/api/v1/models/a@b@c"), 404, "not-found"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        body = r.json()
+        assert body["status"] == status and body["code"] == code, body
+        assert body["type"] == f"urn:model-lego:problem:{code}" and body["title"]
+        assert isinstance(body["detail"], str) and body["detail"]
+    assert cases[1][0].headers["www-authenticate"] == "Bearer"
+    invalid = cases[4][0].json()
+    assert "source_classes.0.model_id: Field required" in invalid["detail"]
+    assert {tuple(e["loc"]) for e in invalid["errors"]} >= {
+        ("body", "source_classes", 0, "model_id"),
+        ("body", "source_classes", 0, "classes"),
+    }
+
+
+def test_openapi_documents_each_operation_and_its_own_errors(api):
+    doc = api.client.get("/openapi.json").json()
+    ops = [
+        (path, method, op)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if path.startswith(("/api/v1", "/v2/models"))
+    ]
+    assert len(ops) > 25
+    for path, method, op in ops:
+        assert op.get("tags") and op.get("description"), (method, path)
+        assert "401" in op["responses"], (method, path)
+    responses = {(p, m): set(op["responses"]) for p, m, op in ops}
+    assert responses[("/api/v1/models", "get")] == {"200", "401", "422", "503"}
+    assert {"413", "507"} <= responses[("/api/v1/models", "post")]
+    assert "404" not in responses[("/api/v1/models", "post")]
+    assert "415" in responses[("/api/v1/assemblies/{ref}/predict", "post")]
+    problem = doc["components"]["schemas"]["Problem"]
+    assert {"type", "title", "status", "detail", "code"} <= set(problem["required"])
+    out = doc["components"]["schemas"]["AssemblyOut"]["properties"]
+    assert out["options"] == {"$ref": "#/components/schemas/AssemblyOptions"}
+    assert out["classes"]["items"] == {"$ref": "#/components/schemas/AssemblyClass"}
+    assert "AssemblyMetrics" in str(out["metrics"])
+    assert "example" in doc["components"]["schemas"]["AssemblyIn"]
+
+
+def test_readyz_reports_whether_a_worker_is_alive(tmp_path, redis_url, capsys):
+    """Full stack: /readyz is 503 until a worker's beacon is in Redis, and `lego workers`
+    (the worker container's healthcheck) says the same."""
+    from worker.beacon import Beacon, this_host
+
+    settings = make_settings(tmp_path, broker_url=redis_url)
+    upgrade(settings.resolved_database_url)
+    with TestClient(create_app(settings, background=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["broker"]["ok"] is True
+        assert "no worker is alive" in r.json()["checks"]["workers"]["detail"]
+        beacon = Beacon(settings).start()
+        try:
+            r = c.get("/readyz")
+            assert r.status_code == 200, r.text
+            assert r.json()["checks"]["workers"]["alive"] == [beacon.key.split(":", 2)[2]]
+        finally:
+            beacon.stop()
+    env = {"LEGO_BROKER_URL": redis_url, "LEGO_VAR_DIR": str(tmp_path)}
+    with _env(env):
+        assert main(["workers", "--this-host"]) == 0
+        assert this_host() in capsys.readouterr().out
+
+
+def test_cli_uses_the_checkouts_catalog_from_any_folder(tmp_path, monkeypatch, capsys):
+    """`lego keys create` run elsewhere writes to the catalog `make run` serves (var/ of
+    the checkout, not ./var), and says which catalog it wrote to."""
+    from pathlib import Path
+
+    from app.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LEGO_VAR_DIR", raising=False)
+    monkeypatch.delenv("LEGO_DATABASE_URL", raising=False)
+    checkout = Path(__file__).resolve().parents[2]
+    assert Settings().resolved_database_url == f"sqlite:///{checkout / 'var' / 'lego.db'}"
+    with _env({"LEGO_VAR_DIR": str(tmp_path / "elsewhere")}):
+        assert main(["keys", "create", "dave"]) == 0
+    err = capsys.readouterr().err
+    assert f"in catalog sqlite:///{tmp_path / 'elsewhere' / 'lego.db'}" in err
+    assert not (tmp_path / "var").exists()
+
+
+def _env(values: dict):
+    import contextlib
+    import os
+
+    from app.settings import get_settings
+
+    @contextlib.contextmanager
+    def cm():
+        old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            get_settings.cache_clear()
+
+    return cm()
