@@ -269,7 +269,7 @@ def predict_artifact(svc: Services, key: str, ref: str) -> str:
     response_class=FileResponse,
     responses={
         **errors(401, 404, 409, 422, 503),
-        200: {"content": {"application/octet-stream": {}}},
+        200: {"content": {media: {} for _, media in FORMATS.values()}},
         304: {"description": "Not Modified: If-None-Match named the file's ETag (sha256)"},
     },
 )

@@ -99,7 +99,8 @@ def test_fuzz_openapi_schema(ready, figures):
             except (Exception, BaseExceptionGroup) as exc:  # collect all, fail once with the list
                 titles = [x.strip() for x in str(exc).splitlines() if x.startswith("- ")]
                 key = f"{label}: {'; '.join(titles) or str(exc).splitlines()[0]}"[:300]
-                failures.setdefault(key, f"{response.status_code} {response.text[:300]}")
+                body = response.content[:300].decode("utf-8", "replace")  # may be a binary file
+                failures.setdefault(key, f"{response.status_code} {body}")
 
         try:
             one()
