@@ -165,6 +165,38 @@ def forward_batch(model: SourceModel, wanted: int) -> int:
 
 
 @torch.no_grad()
+def true_class_scores(
+    model: SourceModel,
+    data,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    batch_size: int = SELECT_BATCH,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """The softmax probability of the true class for `rows` of `data` (-1 where the
+    label is not a model class), in batches of `forward_batch(model, batch_size)`
+    counted from rows[0]. Selection shards call this too: a shard starting on a
+    multiple of that batch scores every row in the same batch as one pass."""
+    net = model.net().to(device)
+    batch = forward_batch(model, batch_size)
+    scores = torch.full((rows.numel(),), -1.0)
+    n = rows.numel()
+    for b in range(0, n, batch):
+        idx = rows[b : b + batch]
+        lab = labels[idx]
+        ok = lab >= 0
+        if not bool(ok.any()):
+            continue
+        x = normalize(data.images[idx[ok]].to(device), model.spec)
+        probs = torch.softmax(net(x), 1).cpu()
+        scores[b : b + batch][ok] = probs.gather(1, lab[ok][:, None]).squeeze(1)
+        if progress:
+            progress(min(n, b + batch) / n, "selecting samples")
+    return scores
+
+
+@torch.no_grad()
 def select_samples(
     model: SourceModel,
     data,
@@ -179,22 +211,9 @@ def select_samples(
         raise LegoError("samples_per_class must be at least 1")
     _check_data_spec(model, data)
     mapping = class_mapping(model, data)
-    net = model.net().to(device)
     labels = mapping[data.labels]
-    batch_size = forward_batch(model, batch_size)
-    scores = torch.full((len(data),), -1.0)
-    n = len(data)
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(n, start + batch_size))
-        lab = labels[idx]
-        ok = lab >= 0
-        if not bool(ok.any()):
-            continue
-        x = normalize(data.images[idx[ok]].to(device), model.spec)
-        probs = torch.softmax(net(x), 1).cpu()
-        scores[idx[ok]] = probs.gather(1, lab[ok][:, None]).squeeze(1)
-        if progress:
-            progress(min(n, start + batch_size) / n, "selecting samples")
+    rows = torch.arange(len(data))
+    scores = true_class_scores(model, data, labels, rows, batch_size, device, progress)
     selected = {}
     for c in sorted(set(labels[labels >= 0].tolist())):
         members = torch.nonzero(labels == c).flatten()

@@ -26,13 +26,23 @@ from pathlib import Path
 
 import torch
 
-from lego_core.data import normalize
 from lego_core.errors import LegoError
 from lego_core.files import atomic_write
-from lego_core.locate import _check_data_spec, class_mapping
+from lego_core.locate import (
+    SELECT_BATCH,
+    _check_data_spec,
+    class_mapping,
+    forward_batch,
+    true_class_scores,
+)
 from lego_core.model import SourceModel
 
-SELECT_BATCH = 256  # lego_core.locate.select_samples' batch size
+
+def selection_batch(model: SourceModel) -> int:
+    """The batch `select_samples` scores `model` in: selection shards start on its
+    multiples so that every row is scored in the same batch as in one pass."""
+    return forward_batch(model, SELECT_BATCH)
+
 
 Candidates = dict[int, tuple[torch.Tensor, torch.Tensor]]  # class -> (rows, scores)
 
@@ -54,30 +64,19 @@ def select_shard(
     stop: int,
     samples_per_class: int,
     device: str | torch.device = "cpu",
-    batch: int = SELECT_BATCH,
 ) -> Candidates:
     """The top `samples_per_class` rows of [start, stop) per model class, by true-class
-    probability, with those probabilities (scored in batches aligned as in one pass).
-    The scoring mirrors `select_samples` (tests/test_shards.py checks the merge
-    against it): a change to one is a change to the other."""
+    probability, with those probabilities, scored by `select_samples`' own
+    `true_class_scores` in batches aligned as in one pass (`selection_batch`)."""
     if samples_per_class < 1:
         raise LegoError("samples_per_class must be at least 1")
+    batch = selection_batch(model)
     if start % batch:
         raise LegoError(f"a selection shard starts on a multiple of {batch}, not at {start}")
     _check_data_spec(model, data)
-    net = model.net().to(device)
     labels = class_mapping(model, data)[data.labels]
     rows = torch.arange(start, min(stop, len(data)))
-    scores = torch.full((rows.numel(),), -1.0)
-    for b in range(0, rows.numel(), batch):
-        idx = rows[b : b + batch]
-        lab = labels[idx]
-        ok = lab >= 0
-        if not bool(ok.any()):
-            continue
-        x = normalize(data.images[idx[ok]].to(device), model.spec)
-        probs = torch.softmax(net(x), 1).cpu()
-        scores[b : b + batch][ok] = probs.gather(1, lab[ok][:, None]).squeeze(1)
+    scores = true_class_scores(model, data, labels, rows, SELECT_BATCH, device)
     out: Candidates = {}
     shard_labels = labels[rows]
     for c in sorted(set(shard_labels[shard_labels >= 0].tolist())):

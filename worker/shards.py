@@ -166,11 +166,11 @@ class ShardWork:
 
     def __init__(self, model, data, samples_per_class, count: int, device: str) -> None:
         from lego_core import DEFAULT_SAMPLES_PER_CLASS
-        from lego_core.shards import selection_ranges
+        from lego_core.shards import selection_batch, selection_ranges
 
         self.model, self.data, self.device, self.count = model, data, device, count
         self.n = int(samples_per_class or DEFAULT_SAMPLES_PER_CLASS)
-        self.ranges = selection_ranges(len(data), count)
+        self.ranges = selection_ranges(len(data), count, selection_batch(model))
 
     @classmethod
     def for_job(cls, env, payload: dict, count: int, device: str) -> ShardWork:
@@ -197,7 +197,7 @@ class ShardWork:
         from lego_core.shards import load_shard
 
         selected = {int(c): v for c, v in load_shard(directory / "selected.pt").items()}
-        return shard_plan(selected, self.count)
+        return shard_plan(selected, self.count, self.model)
 
     def compute(self, phase: str, k: int, plan=None) -> dict:
         from lego_core.locate import contribution_sums
