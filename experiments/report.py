@@ -320,7 +320,8 @@ def section_assembly(results: dict) -> str:
         "more a class. *gaussian* (the default): the decision stage of `lego_core.decide`, a "
         "Gaussian discriminant (class means, one shrunk shared covariance) on every "
         "component's features (linear-layer inputs, per-channel mean and max of conv input "
-        "maps) and logits, fitted in closed form on "
+        "maps), their logits, and the pairwise products of their top principal components, "
+        "fitted in closed form on up to "
         f"{results['settings'].get('decision_calibration', 1000)} samples a class of each "
         "part's training images run through every component. "
         f"**Goal**: assembled ≥ Base − {GOAL_MARGIN:g}; ✓ / ✗ marks the default. Params and "
@@ -440,7 +441,8 @@ def section_ablation(results: dict) -> str:
     variants = rows[0]["ablation"]
 
     def title(v: dict) -> str:
-        return f"{v['features']}, {v['per_class']}/class, {v['rule']}"
+        linear = ", linear only" if v.get("linear_only") else ""
+        return f"{v['features']}, {v['per_class']}/class, {v['rule']}{linear}"
 
     body = []
     for r in rows:
@@ -448,7 +450,10 @@ def section_ablation(results: dict) -> str:
         body.append(
             [f"({r['group']}) {r['label']}"]
             + [f"{f2(v['accuracy'])} ({f2(v['cross_part'])})" for v in r["ablation"]]
-            + [f"{d['features']:,} / {fmt_count(d['params'])} / {r['decision_flops_share']:.3f}%"]
+            + [
+                f"{d['features']:,} / {d.get('quadratic_rank', 0)} / {fmt_count(d['params'])} / "
+                f"{r['decision_flops_share']:.3f}%"
+            ]
         )
     return "\n".join(
         [
@@ -458,11 +463,18 @@ def section_ablation(results: dict) -> str:
             "every linear-layer input and the per-channel mean and max of conv input maps), "
             "how many samples a class it is fitted on, and the rule (*joint*: the "
             "discriminant's scores; *factorised*: the discriminant's probability of each part "
-            "times the component's own softmax within it). Last column: the default stage's "
-            "features, parameters, and FLOPs as a share of the assembled model's.",
+            "times the component's own softmax within it). Where the pool is large enough "
+            "and the FLOPs share allows, the stage also reads the pairwise products of the top "
+            "principal components (`quadratic_rank`); *linear only* switches them off at the "
+            "default pool. Last column: the default stage's features, second-order rank, "
+            "parameters, and FLOPs as a share of the assembled model's.",
             "",
             table(
-                ["row", *[title(v) + " %" for v in variants], "features / params / FLOPs share"],
+                [
+                    "row",
+                    *[title(v) + " %" for v in variants],
+                    "features / rank / params / FLOPs share",
+                ],
                 body,
             ),
         ]
@@ -527,7 +539,7 @@ def section_goal(results: dict) -> str:
             "what the components compute on the way (their features separate the parts "
             "better than their logits: see the ablation), fitted on both parts' training "
             "images, but a closed-form Gaussian model of these small networks' features "
-            "stays well short of a boundary learned by gradient descent; the *full sources "
+            "stays short of a boundary learned by gradient descent; the *full sources "
             "+ stage* column shows how much of the remaining gap pruning explains. For the "
             "all + all rows Base itself is above what one model trained on all ten classes "
             "reaches.",

@@ -54,13 +54,14 @@ from lego_core import (
 from lego_core.assemble import (
     DEFAULT_CALIBRATION_PER_CLASS,
     InputAdapter,
+    decision_budget,
     decision_rows,
     to_raw,
 )
 from lego_core.decide import (
     DECISION_RULES,
     combine,
-    fit_gaussian_discriminant,
+    fit_decision_stage,
     flat_features,
     part_index,
 )
@@ -108,7 +109,7 @@ assert set(SCALINGS) == set(SCALING_METHODS), "a scaling method is missing from 
 LOGIT_CALIBRATION_PER_CLASS = 100
 # Decision-stage ablation: which features, how many samples a class, which rule.
 ABLATION_FEATURES = ("logits", "penultimate", "all")
-ABLATION_SAMPLES = (10, 50, 200, DEFAULT_CALIBRATION_PER_CLASS)
+ABLATION_SAMPLES = (10, 50, 200, 1000, DEFAULT_CALIBRATION_PER_CLASS)
 JOINT_MODELS = {"cifar10": "plain_all", "mnist": "lenet_mnist"}
 
 
@@ -353,6 +354,7 @@ class DecisionStudy:
         self.cal_y, self.cal_rank = torch.cat(ys), torch.cat(ranks)
         self.cal_logits, self.cal_feats = self._run(body, self._chunks(torch.cat(xs)))
         self.columns = self._columns(body)
+        self.budget = decision_budget(body, xs[0][:1])
 
     @staticmethod
     def _chunks(x: torch.Tensor):
@@ -393,17 +395,23 @@ class DecisionStudy:
             "all": torch.arange(total + sum(self.sizes)),
         }
 
-    def variant(self, features: str, per_class: int, rule: str) -> dict:
+    def variant(self, features: str, per_class: int, rule: str, rank: int | None = None) -> dict:
+        """`rank`: the stage's second-order rank (None: chosen as assemble does)."""
         cols = self.columns[features]
         rows = self.cal_rank < per_class
         z = torch.cat([self.cal_feats, self.cal_logits], 1)[rows][:, cols]
-        weight, bias, _ = fit_gaussian_discriminant(z, self.cal_y[rows], sum(self.sizes))
+        stage, info = fit_decision_stage(
+            z, self.cal_y[rows], sum(self.sizes), rank=rank, flops_budget=self.budget
+        )
         zt = torch.cat([self.test_feats, self.test_logits], 1)[:, cols]
-        out = combine(zt @ weight.T + bias, self.test_logits, self.sizes, rule)
+        with torch.no_grad():
+            out = combine(stage(zt), self.test_logits, self.sizes, rule)
         return {
             "features": features,
             "per_class": per_class,
             "rule": rule,
+            "rank": info["quadratic_rank"],
+            "linear_only": rank == 0,
             "inputs": int(cols.numel()),
             **decompose(out, self.labels, self.sizes),
         }
@@ -415,6 +423,7 @@ class DecisionStudy:
         ]
         out += [self.variant("all", k, DECISION_RULES[0]) for k in ABLATION_SAMPLES[:-1]]
         out += [self.variant("all", DEFAULT_CALIBRATION_PER_CLASS, r) for r in DECISION_RULES[1:]]
+        out.append(self.variant("all", DEFAULT_CALIBRATION_PER_CLASS, DECISION_RULES[0], rank=0))
         return out
 
     @torch.no_grad()

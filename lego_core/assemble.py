@@ -47,12 +47,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lego_core.decide import (
+    DECISION_FLOPS_SHARE,
     DECISION_RULES,
     DecisionNet,
     feature_taps,
-    fit_gaussian_discriminant,
+    fit_decision_stage,
     flat_features,
 )
 from lego_core.disassemble import Component, disassemble
@@ -66,7 +68,7 @@ SCALING_METHODS = ("gaussian", "discriminant", "calibrated", "reference", "none"
 FORMS = ("branches", "padded")
 DEFAULT_SCALING = "gaussian"
 DECISION_FEATURES = ("all", "penultimate", "logits")
-DEFAULT_CALIBRATION_PER_CLASS = 1000
+DEFAULT_CALIBRATION_PER_CLASS = 5000
 DEFAULT_COMPENSATE = True
 DISCRIMINANT_SHRINKAGE = 0.1
 
@@ -461,6 +463,15 @@ def decision_rows(part: Part, component: Component, per_class: int, seed: int = 
 
 
 @torch.no_grad()
+def decision_budget(body: nn.Module, sample: torch.Tensor) -> float:
+    """The FLOPs a sample that a decision stage over `body` may spend: a share
+    (DECISION_FLOPS_SHARE) of the components' own."""
+    with FlopCounterMode(display=False) as counter:
+        body.features(sample.cpu())
+    return DECISION_FLOPS_SHARE * counter.get_total_flops()
+
+
+@torch.no_grad()
 def fit_decision(
     parts: list[Part],
     comps: list[Component],
@@ -485,15 +496,11 @@ def fit_decision(
         feats.append(ft.cpu())
     body.cpu()
     z = torch.cat([torch.cat(feats), torch.cat(logits)], 1)
-    weight, bias, info = fit_gaussian_discriminant(z, y, offset)
+    stage, info = fit_decision_stage(z, y, offset, flops_budget=decision_budget(body, x[:1]))
     sizes = [len(c.class_names) for c in comps]
-    info.update(
-        rule=rule,
-        samples=int(y.numel()),
-        params=weight.numel() + bias.numel(),
-        flops=2 * weight.numel(),  # one multiply-add per weight, per image
-    )
-    return DecisionNet(body, weight, bias, unscale, sizes, rule), info
+    params, flops = stage.size()
+    info.update(rule=rule, samples=int(y.numel()), params=params, flops=flops)
+    return DecisionNet(body, stage, unscale, sizes, rule), info
 
 
 def assemble(

@@ -19,8 +19,17 @@ locating dataset, each image run through *every* component (a component's
 features of another part's images are the evidence that tells the parts
 apart). No weight is trained by gradient; the fit is class means, a pooled
 covariance shrunk towards its mean variance (Oracle Approximating Shrinkage,
-Chen et al. 2010), and one linear solve. At run time the stage is one [C x D]
-matrix product on features that already exist.
+Chen et al. 2010), and one linear solve.
+
+Where the calibration pool is large enough, the discriminant also reads
+second-order features: the products of the top principal components
+(whitened) of the standardised features. A shared-covariance Gaussian on
+[z, q q^T] has quadratic decision boundaries in z, which a linear rule on
+small networks' features lacks (CIFAR-10 halves, all + all: 70.3 -> 73.6 at
+5,000 samples a class, measured by `make reproduce`'s ablation); with few
+samples the extra features only add estimation noise, so their number follows
+the pool size (`quadratic_rank`). At run time the stage is a few small matrix
+products on features that already exist.
 """
 
 from __future__ import annotations
@@ -36,6 +45,13 @@ from lego_core.graph import LegoGraph
 # MAX_COMPONENT_FEATURES features: the fit's covariance grows with their square.
 MAX_TAP_FEATURES = 4096
 MAX_COMPONENT_FEATURES = 1536
+# Second-order features: products of the top principal components, their count
+# (k (k + 1) / 2 for rank k) kept below samples / SAMPLES_PER_QUADRATIC_FEATURE.
+MAX_QUADRATIC_RANK = 64
+QUADRATIC_RANK_STEP = 16
+SAMPLES_PER_QUADRATIC_FEATURE = 16
+# The stage's FLOPs stay within this share of the components' it reads.
+DECISION_FLOPS_SHARE = 0.05
 DECISION_RULES = ("joint", "factorised")
 
 # How a tapped value becomes features: "flat", a linear layer's input as it is;
@@ -128,6 +144,124 @@ def fit_gaussian_discriminant(
     return weight.float(), bias.float(), info
 
 
+def stage_flops(features: int, classes: int, rank: int) -> int:
+    """FLOPs a sample of a stage over `features` inputs with `rank` components
+    (a multiply-add counts two): the linear scores, then standardising,
+    projecting, the k x k products and their weights."""
+    quadratic = 3 * features + 2 * features * rank + rank * rank + 2 * classes * rank * rank
+    return 2 * classes * features + (quadratic if rank else 0)
+
+
+def quadratic_rank(
+    samples: int, features: int, classes: int, flops_budget: float | None = None
+) -> int:
+    """The number of principal components whose pairwise products the stage
+    reads: the largest multiple of QUADRATIC_RANK_STEP (at most
+    MAX_QUADRATIC_RANK and the feature count) whose k (k + 1) / 2 products stay
+    within samples / SAMPLES_PER_QUADRATIC_FEATURE and whose stage stays within
+    `flops_budget`; 0 for small pools (the linear stage)."""
+    rank = 0
+    for k in range(QUADRATIC_RANK_STEP, MAX_QUADRATIC_RANK + 1, QUADRATIC_RANK_STEP):
+        enough = k <= features and k * (k + 1) // 2 <= samples // SAMPLES_PER_QUADRATIC_FEATURE
+        cheap = flops_budget is None or stage_flops(features, classes, k) <= flops_budget
+        if enough and cheap:
+            rank = k
+    return rank
+
+
+class GaussianStage(nn.Module):
+    """Scores [B, C] from features z [B, D]: z @ weight.T + bias, plus, when
+    `projection` has columns, the products of q = ((z - center) * inv_scale) @
+    projection read by `quadratic_weight` [C, k * k] (its upper triangle holds
+    the fitted weights, the rest zeros, so the stage needs no gather)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        center: torch.Tensor | None = None,
+        inv_scale: torch.Tensor | None = None,
+        projection: torch.Tensor | None = None,
+        quadratic_weight: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        d = weight.shape[1]
+        self.register_buffer("weight", weight.float().clone())
+        self.register_buffer("bias", bias.float().clone())
+        self.register_buffer("center", _or_empty(center, (d,)))
+        self.register_buffer("inv_scale", _or_empty(inv_scale, (d,)))
+        self.register_buffer("projection", _or_empty(projection, (d, 0)))
+        self.register_buffer("quadratic_weight", _or_empty(quadratic_weight, (weight.shape[0], 0)))
+
+    @property
+    def rank(self) -> int:
+        return self.projection.shape[1]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        scores = F.linear(z, self.weight, self.bias)
+        if self.rank:
+            q = ((z - self.center) * self.inv_scale) @ self.projection
+            products = (q.unsqueeze(2) * q.unsqueeze(1)).flatten(1)
+            scores = scores + F.linear(products, self.quadratic_weight)
+        return scores
+
+    def size(self) -> tuple[int, int]:
+        """(params, FLOPs a sample) of what the stage holds and computes."""
+        c, d = self.weight.shape
+        params = sum(b.numel() for b in self.buffers()) if self.rank else c * d + c
+        return params, stage_flops(d, c, self.rank)
+
+
+def _or_empty(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.zeros(shape) if t is None else t.float().clone()
+
+
+def fit_decision_stage(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    rank: int | None = None,
+    flops_budget: float | None = None,
+) -> tuple[GaussianStage, dict]:
+    """The Gaussian discriminant on z, with `rank` principal components' pairwise
+    products as extra features (default: `quadratic_rank` of the pool and the
+    budget). The
+    components are those of the standardised features, whitened, so every
+    product has unit scale. Closed form: one SVD and one linear solve."""
+    n, d = z.shape
+    z64 = z.double()
+    center, scale = z64.mean(0), z64.std(0)
+    live = scale > 1e-8 * float(scale.max().clamp(min=1e-30))
+    inv_scale = torch.where(live, 1 / scale.clamp(min=1e-30), torch.zeros_like(scale))
+    if rank is None:
+        rank = quadratic_rank(n, int(live.sum()), num_classes, flops_budget)
+    if rank == 0:
+        weight, bias, info = fit_gaussian_discriminant(z, labels, num_classes)
+        info["quadratic_rank"] = 0
+        return GaussianStage(weight, bias), info
+    zs = (z64 - center) * inv_scale
+    _, singular, vt = torch.linalg.svd(zs, full_matrices=False)
+    projection = vt[:rank].T / (singular[:rank] / n**0.5).clamp(min=1e-12)
+    q = zs @ projection
+    upper = torch.triu_indices(rank, rank)
+    products = (q.unsqueeze(2) * q.unsqueeze(1))[:, upper[0], upper[1]]
+    weight, bias, info = fit_gaussian_discriminant(
+        torch.cat([z64, products], 1), labels, num_classes
+    )
+    quadratic_weight = torch.zeros(num_classes, rank, rank)
+    quadratic_weight[:, upper[0], upper[1]] = weight[:, d:]
+    stage = GaussianStage(
+        weight[:, :d],
+        bias,
+        center,
+        inv_scale,
+        projection,
+        quadratic_weight.flatten(1),
+    )
+    info["quadratic_rank"] = rank
+    return stage, info
+
+
 def part_index(sizes: list[int]) -> torch.Tensor:
     """Output position -> part number."""
     return torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(sizes)])
@@ -161,8 +295,7 @@ class DecisionNet(nn.Module):
     def __init__(
         self,
         body: nn.Module,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
+        stage: GaussianStage,
         unscale: torch.Tensor,
         sizes: list[int],
         rule: str,
@@ -173,22 +306,26 @@ class DecisionNet(nn.Module):
         self.body = body
         self.sizes = list(sizes)
         self.rule = rule
-        self.register_buffer("weight", weight.float().clone())
-        self.register_buffer("bias", bias.float().clone())
+        self.stage = stage
         self.register_buffer("unscale", unscale.float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, feats = self.body.features(x)
-        scores = F.linear(torch.cat([feats, logits], 1), self.weight, self.bias)
+        scores = self.stage(torch.cat([feats, logits], 1))
         return combine(scores, logits * self.unscale, self.sizes, self.rule)
 
 
 __all__ = [
+    "DECISION_FLOPS_SHARE",
     "DECISION_RULES",
     "DecisionNet",
+    "GaussianStage",
     "combine",
     "feature_taps",
+    "fit_decision_stage",
     "fit_gaussian_discriminant",
     "flat_features",
     "part_index",
+    "quadratic_rank",
+    "stage_flops",
 ]
