@@ -1,6 +1,6 @@
 """`make bench`: measure every figure against its baseline, write the results.
 
-    python -m bench.run [--quick] [--figures 1,2,3,4,5,6] [--device auto|cpu|cuda]
+    python -m bench.run [--quick] [--figures 1,2,3,4,5,6,7] [--device auto|cpu|cuda]
                         [--fig1-samples N] [--api-processes N] [--out DIR] [--keep]
 
 Writes DIR/RESULTS.md and DIR/results.json (CPU), and with CUDA also
@@ -22,7 +22,7 @@ import torch
 
 from bench.common import REPO, Config, FigureResult, Row, fmt_value, machine_info, not_measured
 
-ALL = ("1", "2", "3", "4", "5", "6")
+ALL = ("1", "2", "3", "4", "5", "6", "7")
 GPU_FIGURES = ("1", "2", "3")
 TITLES = {
     "1": "Relative-contribution pass: project vs the reference formulation",
@@ -31,6 +31,7 @@ TITLES = {
     "4": "Serving over HTTP (embedded default) vs the model in-process",
     "5": "Jobs: POST /assemblies -> succeeded vs the same lego_core calls",
     "6": "Assembled model exported to ONNX: ONNX Runtime vs eager torch",
+    "7": "Locating split across Celery workers: 2 worker processes vs 1, and a cost model",
 }
 GOALS = {
     "1": "time >= 10x lower (32x32), >= 20x lower (64x64); peak memory >= 10x lower",
@@ -40,6 +41,7 @@ GOALS = {
     "(vgg16_bn, several API processes)",
     "5": "overhead < 1 s",
     "6": "report",
+    "7": "masks identical; speed-up reported",
 }
 
 
@@ -68,6 +70,10 @@ def run_figure(fig: str, cfg: Config, figures: set[str]) -> dict[str, FigureResu
             from bench import onnx_runtime
 
             res = onnx_runtime.run(cfg)
+        elif fig == "7":
+            from bench import sharding
+
+            res = sharding.run(cfg)
         else:
             from bench import service
 
@@ -166,7 +172,8 @@ def write_results(
         'figure 1 baseline / project ("x lower"); figure 2 project / floor; figure 3 '
         "project / sequential components; figure 4 added latency (p50 over HTTP minus p50 "
         "in-process) and throughput over HTTP / in-process; figure 5 service time minus "
-        "direct time; figure 6 eager torch / ONNX Runtime.",
+        "direct time; figure 6 eager torch / ONNX Runtime; figure 7 one worker's time / two "
+        "workers' time.",
         "",
         "## Notes",
         "",
