@@ -57,6 +57,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if fresh:
         print(f"API key (created now, shown once): {fresh}")
         print(f"  try: curl -H 'Authorization: Bearer {fresh}' http://{shown}:{port}/api/v1/models")
+    processes = args.processes or settings.api_processes
+    if processes > 1:
+        # Each process builds its own app from the same LEGO_* environment (the catalog is
+        # migrated above, once); they share the port, the catalog and the artifacts, and
+        # every process batches its own share of the predict requests.
+        print(f"API processes: {processes}")
+        sys.stdout.flush()
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=processes,
+            log_level="info",
+            # A process answers the supervisor's ping only once its imports (torch) are
+            # done: on a busy machine that takes longer than uvicorn's 5 s, and it would
+            # kill and restart the process again and again.
+            timeout_worker_healthcheck=120,
+        )
+        return 0
     sys.stdout.flush()
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     return 0
@@ -180,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", default=None, help="interface to listen on (default LEGO_HOST)")
     s.add_argument("--port", type=int, default=None, help="port (default LEGO_PORT, 8000)")
+    s.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="API processes on the port, each micro-batching its own requests "
+        "(default LEGO_API_PROCESSES, 1)",
+    )
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -26,6 +27,10 @@ PREDICT_BATCH = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 PREDICT_IMAGES = Counter("lego_predict_images_total", "Images classified by predict")
+# Several API processes can share a port (LEGO_API_PROCESSES) and each answers /metrics
+# with its own counters: the pid says which process a scrape reached.
+API_PROCESS = Gauge("lego_api_process", "The API process that answered (by pid)", ["pid"])
+API_PROCESS.labels(pid=str(os.getpid())).set(1)
 
 
 class MetricsMiddleware:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     port: int = 8000
     bootstrap_api_key: str = Field("", description="Key created at start (owner: bootstrap).")
     bootstrap_owner: str = "admin"
+    api_processes: int = Field(
+        1,
+        ge=1,
+        description="API processes `lego serve` runs (uvicorn workers on one port), each with "
+        "its own model cache and micro-batching; more use more cores for predict.",
+    )
 
     # Upload and input limits.
     max_model_bytes: int = 512 * MiB

@@ -72,6 +72,7 @@ class Config:
     serve_requests_32: int = 8  # requests per client per round at 32 clients
     serve_rounds: int = 5
     job_reps: int = 5
+    api_processes: int = 0  # figure 4's multi-process server (0: the usable cores)
     log: Callable[[str], None] = print
 
     @classmethod

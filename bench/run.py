@@ -1,7 +1,7 @@
 """`make bench`: measure every figure against its baseline, write the results.
 
-    python -m bench.run [--quick] [--figures 1,2,3,4,5,6] [--device auto|cpu|cuda]
-                        [--fig1-samples N] [--out DIR] [--keep]
+    python -m bench.run [--quick] [--figures 1,2,3,4,5,6,7] [--device auto|cpu|cuda]
+                        [--fig1-samples N] [--api-processes N] [--out DIR] [--keep]
 
 Writes DIR/RESULTS.md and DIR/results.json (CPU), and with CUDA also
 DIR/RESULTS-gpu.md and DIR/results-gpu.json (figures 1-3 on the GPU), and prints
@@ -22,7 +22,7 @@ import torch
 
 from bench.common import REPO, Config, FigureResult, Row, fmt_value, machine_info, not_measured
 
-ALL = ("1", "2", "3", "4", "5", "6")
+ALL = ("1", "2", "3", "4", "5", "6", "7")
 GPU_FIGURES = ("1", "2", "3")
 TITLES = {
     "1": "Relative-contribution pass: project vs the reference formulation",
@@ -31,14 +31,17 @@ TITLES = {
     "4": "Serving over HTTP (embedded default) vs the model in-process",
     "5": "Jobs: POST /assemblies -> succeeded vs the same lego_core calls",
     "6": "Assembled model exported to ONNX: ONNX Runtime vs eager torch",
+    "7": "Locating split across Celery workers: 2 worker processes vs 1, and a cost model",
 }
 GOALS = {
     "1": "time >= 10x lower (32x32), >= 20x lower (64x64); peak memory >= 10x lower",
     "2": "<= 1.5x the floor",
     "3": "branches FLOPs within 1%; branches latency <= 1.1x",
-    "4": "p50 added < 5 ms (LeNet); 32-client throughput >= 0.5x in-process (vgg16_bn)",
+    "4": "p50 added < 5 ms (LeNet); 32-client throughput >= 0.5x in-process "
+    "(vgg16_bn, several API processes)",
     "5": "overhead < 1 s",
     "6": "report",
+    "7": "masks identical; speed-up reported",
 }
 
 
@@ -67,6 +70,10 @@ def run_figure(fig: str, cfg: Config, figures: set[str]) -> dict[str, FigureResu
             from bench import onnx_runtime
 
             res = onnx_runtime.run(cfg)
+        elif fig == "7":
+            from bench import sharding
+
+            res = sharding.run(cfg)
         else:
             from bench import service
 
@@ -165,7 +172,8 @@ def write_results(
         'figure 1 baseline / project ("x lower"); figure 2 project / floor; figure 3 '
         "project / sequential components; figure 4 added latency (p50 over HTTP minus p50 "
         "in-process) and throughput over HTTP / in-process; figure 5 service time minus "
-        "direct time; figure 6 eager torch / ONNX Runtime.",
+        "direct time; figure 6 eager torch / ONNX Runtime; figure 7 one worker's time / two "
+        "workers' time.",
         "",
         "## Notes",
         "",
@@ -262,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch intra-op threads in every process of the run (0: torch's default); see README",
     )
+    p.add_argument(
+        "--api-processes",
+        type=int,
+        default=None,
+        help="API processes of figure 4's multi-process server (default: the usable cores)",
+    )
     p.add_argument("--out", default=str(REPO / "bench"), help="where RESULTS*.md go")
     p.add_argument(
         "--keep",
@@ -297,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         info = machine_info(device)
         info["quick"] = args.quick
-        cfg = Config.make(args.quick, device, log=log, fig1_samples=args.fig1_samples)
+        cfg = Config.make(
+            args.quick,
+            device,
+            log=log,
+            fig1_samples=args.fig1_samples,
+            api_processes=args.api_processes,
+        )
         results: dict[str, FigureResult] = {}
         for fig in figs:
             if fig not in results:
