@@ -72,6 +72,7 @@ class Settings:
     epochs_scale: float  # multiplies every plan's epochs (at least 1)
     samples_per_class: int = 50
     threads: int = 1
+    jobs: int = 1  # processes for table 2's rows
     grid_alpha: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
     grid_beta: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     sensitivity_models: tuple[str, ...] = ("plain_all", "lenet_mnist")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import time
@@ -242,69 +243,84 @@ def test_sets(models: dict[str, Trained], data: Data, spec_parts) -> list[ImageF
     return [data.mnist_test_rgb32(), data.test("cifar10")]
 
 
-def table_assembly(models: dict[str, Trained], data: Data) -> list[dict]:
-    rows = []
-    for group, spec_parts in ASSEMBLIES:
-        parts = [_part(models[k], c) for k, c in spec_parts]
-        sizes = [len(p.classes) for p in parts]
-        datasets = test_sets(models, data, spec_parts)
-        label = " + ".join(part_label(models[k].plan, c) for k, c in spec_parts)
-        row = {"group": group, "label": label, "parts": [[k, list(c)] for k, c in spec_parts]}
-        t0 = time.time()
-        merged = merge(datasets)
-        default = assemble(parts, scaling=DEFAULT_SCALING)
-        metrics = evaluate_assembly(default, datasets)
-        row.update(
-            base=round(metrics["base_accuracy"], 2),
-            images=metrics["images"],
-            params=metrics["params"],
-            flops=metrics["flops"],
-            per_class=metrics["per_class"],
-            class_names=default.class_names,
-            decision=default.decision,
+def table_assembly(models: dict[str, Trained], data: Data, jobs: int = 1) -> list[dict]:
+    """Table 2, one row per ASSEMBLIES entry; with `jobs` > 1 the rows run in
+    that many forked processes (each single-threaded), in the same order."""
+    if jobs <= 1:
+        return [assembly_row(models, data, group, spec) for group, spec in ASSEMBLIES]
+    global _FORKED
+    _FORKED = (models, data)
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_forked_assembly_row, range(len(ASSEMBLIES)), chunksize=1)
+
+
+_FORKED: tuple | None = None  # (models, data), inherited by table 2's forked workers
+
+
+def _forked_assembly_row(index: int) -> dict:
+    torch.set_num_threads(1)
+    models, data = _FORKED
+    return assembly_row(models, data, *ASSEMBLIES[index])
+
+
+def assembly_row(models: dict[str, Trained], data: Data, group: str, spec_parts) -> dict:
+    parts = [_part(models[k], c) for k, c in spec_parts]
+    sizes = [len(p.classes) for p in parts]
+    datasets = test_sets(models, data, spec_parts)
+    label = " + ".join(part_label(models[k].plan, c) for k, c in spec_parts)
+    row = {"group": group, "label": label, "parts": [[k, list(c)] for k, c in spec_parts]}
+    t0 = time.time()
+    merged = merge(datasets)
+    default = assemble(parts, scaling=DEFAULT_SCALING)
+    metrics = evaluate_assembly(default, datasets)
+    row.update(
+        base=round(metrics["base_accuracy"], 2),
+        images=metrics["images"],
+        params=metrics["params"],
+        flops=metrics["flops"],
+        per_class=metrics["per_class"],
+        class_names=default.class_names,
+        decision=default.decision,
+    )
+    study = DecisionStudy(parts, default, merged)
+    row[DEFAULT_SCALING] = round(metrics["accuracy"], 2)
+    assert abs(study.accuracy(default) - metrics["accuracy"]) < 0.02
+    for scaling in SCALINGS:
+        if scaling == DEFAULT_SCALING:
+            continue
+        assembled = assemble(
+            parts, scaling=scaling, calibration_per_class=LOGIT_CALIBRATION_PER_CLASS
         )
-        study = DecisionStudy(parts, default, merged)
-        row[DEFAULT_SCALING] = round(metrics["accuracy"], 2)
-        assert abs(study.accuracy(default) - metrics["accuracy"]) < 0.02
-        for scaling in SCALINGS:
-            if scaling == DEFAULT_SCALING:
-                continue
-            assembled = assemble(
-                parts, scaling=scaling, calibration_per_class=LOGIT_CALIBRATION_PER_CLASS
-            )
-            row[scaling] = round(study.accuracy(assembled), 2)
-            if scaling == "discriminant":
-                row["errors_discriminant"] = study.decompose(study.outputs(assembled), sizes)
-        row["errors"] = study.decompose(study.outputs(default), sizes)
-        row["ablation"] = study.ablation()
-        row["decision_flops_share"] = pct(default.decision["flops"], metrics["flops"])
-        uncompensated = assemble(parts, scaling=DEFAULT_SCALING, compensate=False)
-        row["uncompensated"] = study.decompose(study.outputs(uncompensated), sizes)
-        full = [
-            Part(p.model, keep_all(models[k]), p.classes, p.data, p.source_id)
-            for p, (k, _) in zip(parts, spec_parts, strict=True)
-        ]
-        whole = assemble(full, scaling=DEFAULT_SCALING)
-        row["full_sources"] = study.decompose(study.outputs(whole), sizes)
-        row["full_sources"]["flops"] = count_flops(whole.module, whole.spec)
-        row["task_bases"] = task_bases(parts, merged, default.spec)
-        n = sum(b["images"] for b in row["task_bases"])
-        row["base_weighted"] = round(
-            sum(b["accuracy"] * b["images"] for b in row["task_bases"]) / n, 2
-        )
-        row["source_params"] = sum(models[k].model.graph.param_count() for k, _ in spec_parts)
-        row["source_flops"] = sum(count_flops(models[k].model) for k, _ in spec_parts)
-        row["padded"] = padded_cost(parts, default, datasets)
-        row["joint_reference"] = joint_reference(models, spec_parts, datasets)
-        row["seconds"] = round(time.time() - t0, 1)
-        rows.append(row)
-        log(
-            f"table 2{group}: {label}: base {row['base']:.2f}, "
-            + ", ".join(f"{s} {row[s]:.2f}" for s in SCALINGS)
-            + f"; cross-part {row['errors_discriminant']['cross_part']:.2f} -> "
-            f"{row['errors']['cross_part']:.2f}; {row['seconds']:.0f} s"
-        )
-    return rows
+        row[scaling] = round(study.accuracy(assembled), 2)
+        if scaling == "discriminant":
+            row["errors_discriminant"] = study.decompose(study.outputs(assembled), sizes)
+    row["errors"] = study.decompose(study.outputs(default), sizes)
+    row["ablation"] = study.ablation()
+    row["decision_flops_share"] = pct(default.decision["flops"], metrics["flops"])
+    uncompensated = assemble(parts, scaling=DEFAULT_SCALING, compensate=False)
+    row["uncompensated"] = study.decompose(study.outputs(uncompensated), sizes)
+    full = [
+        Part(p.model, keep_all(models[k]), p.classes, p.data, p.source_id)
+        for p, (k, _) in zip(parts, spec_parts, strict=True)
+    ]
+    whole = assemble(full, scaling=DEFAULT_SCALING)
+    row["full_sources"] = study.decompose(study.outputs(whole), sizes)
+    row["full_sources"]["flops"] = count_flops(whole.module, whole.spec)
+    row["task_bases"] = task_bases(parts, merged, default.spec)
+    n = sum(b["images"] for b in row["task_bases"])
+    row["base_weighted"] = round(sum(b["accuracy"] * b["images"] for b in row["task_bases"]) / n, 2)
+    row["source_params"] = sum(models[k].model.graph.param_count() for k, _ in spec_parts)
+    row["source_flops"] = sum(count_flops(models[k].model) for k, _ in spec_parts)
+    row["padded"] = padded_cost(parts, default, datasets)
+    row["joint_reference"] = joint_reference(models, spec_parts, datasets)
+    row["seconds"] = round(time.time() - t0, 1)
+    log(
+        f"table 2{group}: {label}: base {row['base']:.2f}, "
+        + ", ".join(f"{s} {row[s]:.2f}" for s in SCALINGS)
+        + f"; cross-part {row['errors_discriminant']['cross_part']:.2f} -> "
+        f"{row['errors']['cross_part']:.2f}; {row['seconds']:.0f} s"
+    )
+    return row
 
 
 def decompose(logits: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> dict:
@@ -603,7 +619,7 @@ def run(settings: Settings) -> dict:
     table1 = table_disassembly(models, data, sums)
     timings["table1"] = round(time.time() - t, 1)
     t = time.time()
-    table2 = table_assembly(models, data)
+    table2 = table_assembly(models, data, settings.jobs)
     timings["table2"] = round(time.time() - t, 1)
     t = time.time()
     table3 = table_sensitivity(models, data, sums, settings)
@@ -644,8 +660,16 @@ def main(argv=None) -> None:
         help="torch intra-op threads (default 1: on a shared 2-core machine, 2 threads "
         "wait on each other at every op and run 10x slower)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes for table 2's rows (default 1; 2 on an otherwise idle 2-core machine)",
+    )
     args = parser.parse_args(argv)
-    settings = dataclasses.replace(QUICK if args.quick else FULL, threads=args.threads)
+    settings = dataclasses.replace(
+        QUICK if args.quick else FULL, threads=args.threads, jobs=args.jobs
+    )
     results_path = settings.cache / "results.json"
     if args.report_only:
         results = json.loads(results_path.read_text())
