@@ -170,6 +170,15 @@ def conv_class_sums(
     return sums.reshape(num_classes, q, pg)
 
 
+def signed_sums_layer(node: Node, weight: torch.Tensor) -> bool:
+    """Whether a layer's class sums are kept as sums of its input's positive and
+    negative parts: linear layers and 1x1 convs. A 1x1 conv's contribution of
+    input p to output q is w[q, p] * S[p] (S: input p summed over the positions
+    the conv reads), a single product, so relu(w * S) = w+ S+ + w- S-, as for a
+    linear layer. Larger kernels sum K products before the clamp."""
+    return node.kind == "linear" or (node.kind == "conv" and tuple(weight.shape[2:]) == (1, 1))
+
+
 def linear_contributions(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-sample clamped contributions of a linear layer: [B, Q, P]."""
     return (weight[None, :, :] * x[:, None, :]).clamp_(min=0)
@@ -185,11 +194,13 @@ class ContributionAccumulator:
 
     Conv layers: [k, Q, P / groups] float64. The per-sample clamp comes after the
     sum over kernel taps and positions, so nothing smaller suffices.
-    Linear layers: relu(w * x) = w+ x+ + w- x- elementwise (w+ = max(w, 0), w- =
-    min(w, 0), same for x), so the class sum of clamped contributions is
-    w+ * sum(x+) + w- * sum(x-): the accumulator keeps only the per-class sums of
-    x+ and x- per input ([k, P] each, keys LAYER#pos and LAYER#neg), and
-    `linear_class_sums` forms a class's [Q, P] when its mask is computed.
+    Linear layers and 1x1 convs: relu(w * x) = w+ x+ + w- x- elementwise (w+ =
+    max(w, 0), w- = min(w, 0), same for x), so the class sum of clamped
+    contributions is w+ * sum(x+) + w- * sum(x-): the accumulator keeps only the
+    per-class sums of x+ and x- per input ([k, P] each, keys LAYER#pos and
+    LAYER#neg; for a 1x1 conv x is the input summed over the positions it reads),
+    and `linear_class_sums` forms a class's [Q, P / groups] when its mask is
+    computed. This costs B x P per batch instead of B x Q x P.
 
     `set_batch(labels)` before each forward pass: the model class of each sample
     (all of them in `classes`). `add(node, x, weight)` is the GraphNet hook body."""
@@ -213,7 +224,10 @@ class ContributionAccumulator:
 
     def add(self, node: Node, x: torch.Tensor, weight: torch.Tensor) -> None:
         labels = self.labels
-        if node.kind == "linear":
+        if signed_sums_layer(node, weight):
+            if node.kind == "conv":  # [B, P]: each input summed over what the 1x1 conv reads
+                stride, padding, dilation, _ = node.conv_options()
+                x = tap_sums(x, (1, 1), stride, padding, dilation)[:, :, 0]
             k = self.classes.numel()
             for key, part in ((POS, x.clamp(min=0)), (NEG, x.clamp(max=0))):
                 acc = self.sums.get(node.layer + key)
@@ -248,12 +262,26 @@ class ContributionAccumulator:
         return {CLASSES_KEY: self.classes.clone(), **{k: v.cpu() for k, v in self.sums.items()}}
 
 
-def linear_class_sums(sums: dict[str, torch.Tensor], layer: str, row: int, weight, rows=None):
-    """The [Q, P] (or [len(rows), P]) clamped-contribution sums of a linear layer for
-    one row of `sums`, from its sums of x+ and x-: w+ * sum(x+) + w- * sum(x-)."""
-    w = weight.double() if rows is None else weight[rows].double()
+def linear_class_sums(
+    sums: dict[str, torch.Tensor], layer: str, row: int, weight, rows=None, groups: int = 1
+):
+    """The [Q, P / groups] (or [len(rows), P / groups]) clamped-contribution sums of a
+    linear layer or 1x1 conv (`signed_sums_layer`) for one row of `sums`, from its
+    sums of x+ and x-: w+ * sum(x+) + w- * sum(x-). A new tensor."""
+    w = weight.reshape(weight.shape[0], -1)  # a 1x1 conv's [Q, P / groups, 1, 1] too
+    q = w.shape[0]
+    if rows is not None:
+        w = w.index_select(0, rows)
+    w = w.to(torch.float64, copy=rows is None)  # a new tensor: it is scaled in place
     pos, neg = sums[layer + POS][row], sums[layer + NEG][row]
-    return w.clamp(min=0) * pos[None, :] + w.clamp(max=0) * neg[None, :]
+    if groups == 1:
+        pos, neg = pos[None, :], neg[None, :]
+    else:  # output q reads its own group's inputs
+        group = torch.arange(q) if rows is None else rows
+        group = torch.div(group, q // groups, rounding_mode="floor")
+        pos, neg = pos.view(groups, -1)[group], neg.view(groups, -1)[group]
+    # One of w+ and w- is zero, so the sum is the one non-zero product, exactly.
+    return w.mul_(torch.where(w > 0, pos, neg))
 
 
 def add_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from lego_core.contributions import (
     ContributionAccumulator,
     add_sums,  # noqa: F401 - part of locate's shard API (shard_plan, contribution_sums, ...)
     linear_class_sums,
+    signed_sums_layer,
 )
 from lego_core.data import normalize
 from lego_core.errors import DatasetError, LegoError
@@ -250,19 +251,17 @@ def located_layers(graph) -> list:
 
 def class_bytes(model: SourceModel) -> int:
     """Bytes that one class adds to the contribution sums: float64 [Q, P/groups]
-    per conv layer, two float64 [P] per linear layer, plus the float32 per-batch
-    part of the largest conv layer and its float64 copy (16 bytes an entry)."""
-    conv = [
-        model.graph.tensors[n.weight_key()][:, :, 0, 0].numel()
-        for n in located_layers(model.graph)
-        if n.kind == "conv"
-    ]
-    linear = [
-        model.graph.tensors[n.weight_key()].shape[1]
-        for n in located_layers(model.graph)
-        if n.kind == "linear"
-    ]
-    return 8 * sum(conv) + 16 * sum(linear) + 16 * max(conv, default=0)
+    per conv layer larger than 1x1, two float64 [P] per linear layer or 1x1 conv,
+    plus the float32 per-batch part of the largest such conv layer and its
+    float64 copy (16 bytes an entry)."""
+    conv, signed = [], []
+    for n in located_layers(model.graph):
+        weight = model.graph.tensors[n.weight_key()]
+        if signed_sums_layer(n, weight):
+            signed.append(weight.shape[1] * _groups(n))  # the layer's inputs
+        else:
+            conv.append(weight[:, :, 0, 0].numel())
+    return 8 * sum(conv) + 16 * sum(signed) + 16 * max(conv, default=0)
 
 
 def classes_per_block(model: SourceModel, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
@@ -384,18 +383,40 @@ def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(span > 0, (x - lo) / (span + _EPS), (x > 0).to(x.dtype))
 
 
+def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`_minmax(x, 1) > alpha` with the same arithmetic, overwriting `x` (a scratch
+    block): one pass for the row extremes, in-place shift and scale, and the
+    constant rows' 0/1 only where there are any. The mask phase of layers with
+    millions of weights runs through here once per class."""
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    span = hi - lo
+    constant = ~(span > 0).flatten()
+    any_constant = bool(constant.any())
+    if any_constant:
+        constant_rows = (x[constant] > 0).to(x.dtype) > alpha
+    out = x.sub_(lo).div_(span + _EPS) > alpha
+    if any_constant:
+        out[constant] = constant_rows
+    return out
+
+
 def _relevance_counts(rows, q: int, pg: int, out_mask, alpha: float, groups: int, step: int):
     """t_p of MDA section 3: for each input p, the number of relevant outputs for
-    which p is relevant. `rows(index)` gives the [len(index), P / groups] sums of
-    those output rows; only relevant rows are asked for, `step` at a time."""
+    which p is relevant. `rows(index)` gives a new [len(index), P / groups] tensor
+    of the sums of those output rows (it is overwritten); only relevant rows are
+    asked for, `step` at a time. Counts are integers, so summing them as integers
+    gives the float64 values exactly."""
     relevant = torch.nonzero(out_mask).flatten()
-    t = torch.zeros(groups, pg, dtype=torch.float64)
+    t = torch.zeros(groups, pg, dtype=torch.long)
     qg = q // groups
     for i in range(0, relevant.numel(), step):
         index = relevant[i : i + step]
-        r_hat = (_minmax(rows(index), 1) > alpha).to(torch.float64)
-        t.index_add_(0, torch.div(index, qg, rounding_mode="floor"), r_hat)
-    return t.reshape(groups * pg)
+        r_hat = _row_relevance(rows(index), alpha)
+        if groups == 1:
+            t[0] += r_hat.sum(0)
+        else:
+            t.index_add_(0, torch.div(index, qg, rounding_mode="floor"), r_hat.long())
+    return t.reshape(groups * pg).to(torch.float64)
 
 
 def mda_layer_rule(
@@ -420,14 +441,16 @@ def mda_layer_rule(
 
 
 class _LinearSums:
-    """A linear layer's [Q, P] class sums, formed a block of rows at a time."""
+    """A linear layer's or 1x1 conv's [Q, P / groups] class sums, formed a block of
+    rows at a time."""
 
-    def __init__(self, sums, layer: str, row: int, weight: torch.Tensor):
+    def __init__(self, sums, layer: str, row: int, weight: torch.Tensor, groups: int):
         self.sums, self.layer, self.row, self.weight = sums, layer, row, weight
-        self.shape = tuple(weight.shape)
+        self.groups = groups
+        self.shape = (weight.shape[0], weight[0].numel())
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        return linear_class_sums(self.sums, self.layer, self.row, self.weight, index)
+        return linear_class_sums(self.sums, self.layer, self.row, self.weight, index, self.groups)
 
 
 def _row(sums: dict[str, torch.Tensor], c: int) -> int:
@@ -442,13 +465,17 @@ def _row(sums: dict[str, torch.Tensor], c: int) -> int:
 
 def layer_sums(model: SourceModel, sums: dict[str, torch.Tensor], c: int, layer: str):
     """The [Q, P / groups] clamped-contribution sums R_c of one layer for class c
-    (a linear layer's are formed from its sums of x+ and x-)."""
+    (a linear layer's or 1x1 conv's are formed from its sums of x+ and x-)."""
     row = _row(sums, c)
     if layer in sums:
         return sums[layer][row]
     node = next(n for n in model.graph.layers() if n.layer == layer)
     weight = model.graph.tensors[node.weight_key()]
-    return linear_class_sums(sums, layer, row, weight)
+    return linear_class_sums(sums, layer, row, weight, groups=_groups(node))
+
+
+def _groups(node) -> int:
+    return node.conv_options()[3] if node.kind == "conv" else 1
 
 
 def masks_from_sums(
@@ -463,12 +490,12 @@ def masks_from_sums(
 
         def rule(node, m, row=row):
             kind = "conv" if node.kind == "conv" else "linear"
-            groups = node.conv_options()[3] if node.kind == "conv" else 1
+            groups = _groups(node)
             if node.layer in sums:
                 r = sums[node.layer][row]
             else:
                 weight = graph.tensors[node.weight_key()]
-                r = _LinearSums(sums, node.layer, row, weight)
+                r = _LinearSums(sums, node.layer, row, weight, groups)
             return mda_layer_rule(r, m, alpha[kind], beta[kind], groups)
 
         one_hot = torch.zeros(graph.num_outputs, dtype=torch.bool)
