@@ -17,7 +17,8 @@ from lego_core.contributions import (
     ContributionAccumulator,
     add_sums,  # noqa: F401 - part of locate's shard API (shard_plan, contribution_sums, ...)
     linear_class_sums,
-    signed_sums_layer,
+    single_tap,
+    tap_weight,
 )
 from lego_core.data import normalize
 from lego_core.errors import DatasetError, LegoError
@@ -253,17 +254,26 @@ def located_layers(graph) -> list:
 
 def class_bytes(model: SourceModel) -> int:
     """Bytes that one class adds to the contribution sums: float64 [Q, P/groups]
-    per conv layer larger than 1x1, two float64 [P] per linear layer or 1x1 conv,
-    plus the float32 per-batch part of the largest such conv layer and its
-    float64 copy (16 bytes an entry)."""
+    per conv layer read through several kernel taps, two float64 [P] per linear
+    layer or conv read through one (`single_tap`), plus the float32 per-batch part
+    of the largest such conv layer and its float64 copy (16 bytes an entry)."""
     conv, signed = [], []
     for n in located_layers(model.graph):
         weight = model.graph.tensors[n.weight_key()]
-        if signed_sums_layer(n, weight):
+        if _signed_weight(model, n) is not None:
             signed.append(weight.shape[1] * _groups(n))  # the layer's inputs
         else:
             conv.append(weight[:, :, 0, 0].numel())
     return 8 * sum(conv) + 16 * sum(signed) + 16 * max(conv, default=0)
+
+
+def _signed_weight(model: SourceModel, node) -> torch.Tensor | None:
+    """The [Q, P / groups] weight of a layer whose sums are kept as sums of signed
+    parts (`single_tap`), else None."""
+    weight = model.graph.tensors[node.weight_key()]
+    in_hw = model.graph.node(node.args[0].name).shape[1:]
+    tap = single_tap(node, weight, in_hw)
+    return None if tap is None else tap_weight(weight, tap)
 
 
 def classes_per_block(model: SourceModel, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
@@ -443,13 +453,13 @@ def mda_layer_rule(
 
 
 class _LinearSums:
-    """A linear layer's or 1x1 conv's [Q, P / groups] class sums, formed a block of
-    rows at a time."""
+    """The [Q, P / groups] class sums of a layer read through one tap (`single_tap`;
+    `weight`: that tap's), formed a block of rows at a time."""
 
     def __init__(self, sums, layer: str, row: int, weight: torch.Tensor, groups: int):
         self.sums, self.layer, self.row, self.weight = sums, layer, row, weight
         self.groups = groups
-        self.shape = (weight.shape[0], weight[0].numel())
+        self.shape = tuple(weight.shape)
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
         return linear_class_sums(self.sums, self.layer, self.row, self.weight, index, self.groups)
@@ -467,13 +477,12 @@ def _row(sums: dict[str, torch.Tensor], c: int) -> int:
 
 def layer_sums(model: SourceModel, sums: dict[str, torch.Tensor], c: int, layer: str):
     """The [Q, P / groups] clamped-contribution sums R_c of one layer for class c
-    (a linear layer's or 1x1 conv's are formed from its sums of x+ and x-)."""
+    (a layer read through one tap has them formed from its sums of x+ and x-)."""
     row = _row(sums, c)
     if layer in sums:
         return sums[layer][row]
     node = next(n for n in model.graph.layers() if n.layer == layer)
-    weight = model.graph.tensors[node.weight_key()]
-    return linear_class_sums(sums, layer, row, weight, groups=_groups(node))
+    return linear_class_sums(sums, layer, row, _signed_weight(model, node), groups=_groups(node))
 
 
 def _groups(node) -> int:
@@ -496,8 +505,7 @@ def masks_from_sums(
             if node.layer in sums:
                 r = sums[node.layer][row]
             else:
-                weight = graph.tensors[node.weight_key()]
-                r = _LinearSums(sums, node.layer, row, weight, groups)
+                r = _LinearSums(sums, node.layer, row, _signed_weight(model, node), groups)
             return mda_layer_rule(r, m, alpha[kind], beta[kind], groups)
 
         one_hot = torch.zeros(graph.num_outputs, dtype=torch.bool)
