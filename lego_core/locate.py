@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lego_core.channels import backward_masks, is_depthwise
+from lego_core.channels import backward_masks, is_depthwise, tensor_refs
 from lego_core.contributions import (
     CLASSES_KEY,
     ContributionAccumulator,
@@ -495,6 +495,8 @@ def masks_from_sums(
     """The masks of `classes` from `contribution_sums` (or `add_sums` of several).
     Also takes dense sums {layer: [num_model_classes, Q, P / groups]} (row = class)."""
     graph = model.graph
+    refs_of = tensor_refs(graph)
+    signed = {n.layer: _signed_weight(model, n) for n in graph.layers()}
     out: dict[int, dict[str, torch.Tensor]] = {}
     for c in classes:
         row = _row(sums, c)
@@ -505,12 +507,12 @@ def masks_from_sums(
             if node.layer in sums:
                 r = sums[node.layer][row]
             else:
-                r = _LinearSums(sums, node.layer, row, _signed_weight(model, node), groups)
+                r = _LinearSums(sums, node.layer, row, signed[node.layer], groups)
             return mda_layer_rule(r, m, alpha[kind], beta[kind], groups)
 
         one_hot = torch.zeros(graph.num_outputs, dtype=torch.bool)
         one_hot[c] = True
-        demands = backward_masks(graph, one_hot, rule)
+        demands = backward_masks(graph, one_hot, rule, refs_of)
         out[c] = {
             n.layer: demands.get(
                 n.layer, torch.zeros(graph.node(n.args[0].name).channels, dtype=torch.bool)
