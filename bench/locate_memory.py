@@ -1,7 +1,7 @@
 """Memory of `locate` at ImageNet size: ResNet-50 and VGG-16, 224 px, 1000 classes.
 
     python -m bench.locate_memory [--arch resnet50 vgg16] [--samples-per-class 1]
-                                  [--budget-mib 2048] [--out FILE]
+                                  [--budget-mib 2048] [--out bench/locate_memory.json]
 
 Random weights (seed 0) and random images (`samples-per-class` per class, 1000
 classes), so that every class is located. Each architecture runs in its own child
@@ -98,14 +98,18 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(measure(args.arch[0], args.samples_per_class, budget)))
         return 0
-    rows = []
+    rows: list[dict] = []
     for arch in args.arch:
         cmd = [sys.executable, "-m", "bench.locate_memory", "--child", "--arch", arch]
         cmd += ["--samples-per-class", str(args.samples_per_class)]
         cmd += ["--budget-mib", str(args.budget_mib)]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
+        row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        row["git"] = _git()
         rows.append(row)
+        if args.out:  # after every architecture, so that a run cut short keeps what finished
+            _write(args.out, rows)
         print(
             f"{arch}: {row['samples']} images, {row['classes']} classes, "
             f"{row['classes_per_block']} classes a block: peak RSS rise "
@@ -114,10 +118,28 @@ def main(argv=None) -> int:
             f"{row['dense_gib']:.0f} GiB; locate {row['locate_s']:.0f} s",
             flush=True,
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
     return 0 if all(r["within_budget"] for r in rows) else 1
+
+
+def _git() -> str:
+    from bench.common import REPO
+
+    cmd = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
+    return subprocess.run(cmd, stdout=subprocess.PIPE, text=True).stdout.strip()
+
+
+def _write(path: str, rows: list[dict]) -> None:
+    """Merges `rows` into the JSON list at `path` (one row per architecture, the
+    newest kept), written atomically; bench/run.py shows bench/locate_memory.json
+    as a section of RESULTS.md."""
+    from pathlib import Path
+
+    from lego_core.files import atomic_write
+
+    old = json.loads(Path(path).read_text()) if Path(path).exists() else []
+    merged = {r["arch"]: r for r in [*old, *rows]}
+    text = json.dumps(list(merged.values()), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -162,16 +162,31 @@ def is_depthwise(node: Node, graph: LegoGraph) -> bool:
     return groups > 1 and groups == in_channels == w.shape[0] and w.shape[1] == 1
 
 
+def tensor_refs(graph: LegoGraph) -> dict[str, list[str]]:
+    """For every node, the tensor values it reads (in argument order)."""
+    return {
+        node.name: [r for r in node.refs() if graph.node(r).shape is not None]
+        for node in graph.nodes
+    }
+
+
 def backward_masks(
-    graph: LegoGraph, output_mask: torch.Tensor, layer_rule
+    graph: LegoGraph,
+    output_mask: torch.Tensor,
+    layer_rule,
+    refs_of: dict[str, list[str]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Propagates relevance from the output back through the graph.
 
     `layer_rule(node, out_mask) -> in_mask` decides, for a located layer, which
     of its inputs matter given which of its outputs matter (MDA's rule). Every
     other op routes masks by its channel semantics. Returns the mask each
-    located layer demands of its input, keyed by layer name.
+    located layer demands of its input, keyed by layer name. `refs_of`:
+    `tensor_refs(graph)`, for callers that walk the same graph once per class
+    (on small models the walk costs more than the masks).
     """
+    if refs_of is None:
+        refs_of = tensor_refs(graph)
     masks: dict[str, torch.Tensor] = {graph.output_name: output_mask.clone()}
     demands: dict[str, torch.Tensor] = {}
 
@@ -187,7 +202,7 @@ def backward_masks(
         m = masks.get(node.name)
         if m is None or node.kind in ("input", "scalar"):
             continue
-        refs = [r for r in node.refs() if graph.node(r).shape is not None]
+        refs = refs_of[node.name]
         if node.kind in ("conv", "linear"):
             m_in = m.clone() if is_depthwise(node, graph) else layer_rule(node, m)
             demands[node.layer] = m_in

@@ -170,6 +170,38 @@ def conv_class_sums(
     return sums.reshape(num_classes, q, pg)
 
 
+def single_tap(node: Node, weight: torch.Tensor, in_hw) -> int | None:
+    """The kernel tap through which a layer reads its input, when it reads it through
+    one tap only, so that the contribution of input p to output q is the single
+    product w[q, p, tap] * S[p, tap] and relu of it splits into signed parts:
+    relu(w S) = w+ S+ + w- S-. Linear layers (0), 1x1 convs (0), and convs whose
+    other taps read only padding (a 3x3 conv on a 1x1 map: its centre). None for
+    every other layer, whose K products are summed before the clamp.
+    `in_hw`: the input's height and width (convs only)."""
+    if node.kind == "linear":
+        return 0
+    kh, kw = weight.shape[2:]
+    stride, padding, dilation, _ = node.conv_options()
+    dims = zip(in_hw, (kh, kw), stride, padding, dilation, strict=True)
+    live = [_live_taps(*(int(v) for v in dim)) for dim in dims]
+    if len(live[0]) == 1 and len(live[1]) == 1:
+        return live[0][0] * kw + live[1][0]
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _live_taps(n: int, taps: int, stride: int, pad: int, dilation: int) -> tuple[int, ...]:
+    """The taps (along one dimension of size n) that read at least one input position."""
+    out = (n + 2 * pad - dilation * (taps - 1) - 1) // stride + 1
+    visits = _visits(n, taps, stride, pad, dilation, out).sum(0)
+    return tuple(torch.nonzero(visits).flatten().tolist())
+
+
+def tap_weight(weight: torch.Tensor, tap: int) -> torch.Tensor:
+    """[Q, P / groups]: a conv's weights of kernel tap `tap` (a linear weight as it is)."""
+    return weight if weight.dim() == 2 else weight.flatten(2)[:, :, tap]
+
+
 def linear_contributions(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-sample clamped contributions of a linear layer: [B, Q, P]."""
     return (weight[None, :, :] * x[:, None, :]).clamp_(min=0)
@@ -185,11 +217,14 @@ class ContributionAccumulator:
 
     Conv layers: [k, Q, P / groups] float64. The per-sample clamp comes after the
     sum over kernel taps and positions, so nothing smaller suffices.
-    Linear layers: relu(w * x) = w+ x+ + w- x- elementwise (w+ = max(w, 0), w- =
-    min(w, 0), same for x), so the class sum of clamped contributions is
-    w+ * sum(x+) + w- * sum(x-): the accumulator keeps only the per-class sums of
-    x+ and x- per input ([k, P] each, keys LAYER#pos and LAYER#neg), and
-    `linear_class_sums` forms a class's [Q, P] when its mask is computed.
+    Linear layers and convs read through one tap (1x1 convs; see `single_tap`):
+    relu(w * x) = w+ x+ + w- x- elementwise (w+ = max(w, 0), w- = min(w, 0), same
+    for x), so the class sum of clamped contributions is w+ * sum(x+) + w- *
+    sum(x-): the accumulator keeps only the per-class sums of x+ and x- per input
+    ([k, P] each, keys LAYER#pos and LAYER#neg; for a conv x is the input summed
+    over the positions its tap reads),
+    and `linear_class_sums` forms a class's [Q, P / groups] when its mask is
+    computed. This costs B x P per batch instead of B x Q x P.
 
     `set_batch(labels)` before each forward pass: the model class of each sample
     (all of them in `classes`). `add(node, x, weight)` is the GraphNet hook body."""
@@ -213,7 +248,11 @@ class ContributionAccumulator:
 
     def add(self, node: Node, x: torch.Tensor, weight: torch.Tensor) -> None:
         labels = self.labels
-        if node.kind == "linear":
+        tap = single_tap(node, weight, x.shape[2:])
+        if tap is not None:
+            if node.kind == "conv":  # [B, P]: each input summed over what its one tap reads
+                stride, padding, dilation, _ = node.conv_options()
+                x = tap_sums(x, tuple(weight.shape[2:]), stride, padding, dilation)[:, :, tap]
             k = self.classes.numel()
             for key, part in ((POS, x.clamp(min=0)), (NEG, x.clamp(max=0))):
                 acc = self.sums.get(node.layer + key)
@@ -248,12 +287,28 @@ class ContributionAccumulator:
         return {CLASSES_KEY: self.classes.clone(), **{k: v.cpu() for k, v in self.sums.items()}}
 
 
-def linear_class_sums(sums: dict[str, torch.Tensor], layer: str, row: int, weight, rows=None):
-    """The [Q, P] (or [len(rows), P]) clamped-contribution sums of a linear layer for
-    one row of `sums`, from its sums of x+ and x-: w+ * sum(x+) + w- * sum(x-)."""
-    w = weight.double() if rows is None else weight[rows].double()
+def linear_class_sums(
+    sums: dict[str, torch.Tensor], layer: str, row: int, weight, rows=None, groups: int = 1
+):
+    """The [Q, P / groups] (or [len(rows), P / groups]) clamped-contribution sums of a
+    layer read through a single tap (`single_tap`; `weight`: that tap's
+    [Q, P / groups], `tap_weight`) for one row of `sums`, from its sums of x+ and
+    x-: w+ * sum(x+) + w- * sum(x-). A new tensor."""
+    w = weight
+    q = w.shape[0]
+    if rows is not None:
+        w = w.index_select(0, rows)
+    w = w.to(torch.float64, copy=w is weight)  # a new tensor: it is clamped in place
     pos, neg = sums[layer + POS][row], sums[layer + NEG][row]
-    return w.clamp(min=0) * pos[None, :] + w.clamp(max=0) * neg[None, :]
+    if groups == 1:
+        pos, neg = pos[None, :], neg[None, :]
+    else:  # output q reads its own group's inputs
+        group = torch.arange(q) if rows is None else rows
+        group = torch.div(group, q // groups, rounding_mode="floor")
+        pos, neg = pos.view(groups, -1)[group], neg.view(groups, -1)[group]
+    # In place, block by block (torch.where over broadcast rows is several times slower).
+    out = w.clamp(min=0).mul_(pos)
+    return out.add_(w.clamp_(max=0).mul_(neg))
 
 
 def add_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from lego_core.channels import backward_masks, is_depthwise
+from lego_core.channels import backward_masks, is_depthwise, tensor_refs
 from lego_core.contributions import (
     CLASSES_KEY,
     ContributionAccumulator,
     add_sums,  # noqa: F401 - part of locate's shard API (shard_plan, contribution_sums, ...)
     linear_class_sums,
+    single_tap,
+    tap_weight,
 )
 from lego_core.data import normalize
 from lego_core.errors import DatasetError, LegoError
@@ -227,8 +229,10 @@ CONTRIBUTION_BATCH = 128
 # Memory of the contribution sums (and their per-batch parts) that one block of
 # classes may take, beyond the model and one batch of the forward pass.
 DEFAULT_MEMORY_BUDGET = 2 << 30
-# Largest piece of a linear layer's [Q, P] class sums formed at once for its mask.
-_MASK_BLOCK_BYTES = 64 << 20
+# Largest piece of a linear layer's (or 1x1 conv's) [Q, P] class sums formed at once
+# for its mask: small enough that the ~10 passes over it (form, extremes, scale,
+# threshold, count) stay in a core's L2 cache; 64 MiB blocks took 4x longer.
+_MASK_BLOCK_BYTES = 2 << 20
 
 
 def sample_order(selected: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,19 +254,26 @@ def located_layers(graph) -> list:
 
 def class_bytes(model: SourceModel) -> int:
     """Bytes that one class adds to the contribution sums: float64 [Q, P/groups]
-    per conv layer, two float64 [P] per linear layer, plus the float32 per-batch
-    part of the largest conv layer and its float64 copy (16 bytes an entry)."""
-    conv = [
-        model.graph.tensors[n.weight_key()][:, :, 0, 0].numel()
-        for n in located_layers(model.graph)
-        if n.kind == "conv"
-    ]
-    linear = [
-        model.graph.tensors[n.weight_key()].shape[1]
-        for n in located_layers(model.graph)
-        if n.kind == "linear"
-    ]
-    return 8 * sum(conv) + 16 * sum(linear) + 16 * max(conv, default=0)
+    per conv layer read through several kernel taps, two float64 [P] per linear
+    layer or conv read through one (`single_tap`), plus the float32 per-batch part
+    of the largest such conv layer and its float64 copy (16 bytes an entry)."""
+    conv, signed = [], []
+    for n in located_layers(model.graph):
+        weight = model.graph.tensors[n.weight_key()]
+        if _signed_weight(model, n) is not None:
+            signed.append(weight.shape[1] * _groups(n))  # the layer's inputs
+        else:
+            conv.append(weight[:, :, 0, 0].numel())
+    return 8 * sum(conv) + 16 * sum(signed) + 16 * max(conv, default=0)
+
+
+def _signed_weight(model: SourceModel, node) -> torch.Tensor | None:
+    """The [Q, P / groups] weight of a layer whose sums are kept as sums of signed
+    parts (`single_tap`), else None."""
+    weight = model.graph.tensors[node.weight_key()]
+    in_hw = model.graph.node(node.args[0].name).shape[1:]
+    tap = single_tap(node, weight, in_hw)
+    return None if tap is None else tap_weight(weight, tap)
 
 
 def classes_per_block(model: SourceModel, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
@@ -384,18 +395,40 @@ def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(span > 0, (x - lo) / (span + _EPS), (x > 0).to(x.dtype))
 
 
+def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`_minmax(x, 1) > alpha` with the same arithmetic, overwriting `x` (a scratch
+    block): the row extremes, in-place shift and scale, and the
+    constant rows' 0/1 only where there are any. The mask phase of layers with
+    millions of weights runs through here once per class."""
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # (aminmax over a dim is slower)
+    span = hi - lo
+    constant = ~(span > 0).flatten()
+    any_constant = bool(constant.any())
+    if any_constant:
+        constant_rows = (x[constant] > 0).to(x.dtype) > alpha
+    out = x.sub_(lo).div_(span + _EPS) > alpha
+    if any_constant:
+        out[constant] = constant_rows
+    return out
+
+
 def _relevance_counts(rows, q: int, pg: int, out_mask, alpha: float, groups: int, step: int):
     """t_p of MDA section 3: for each input p, the number of relevant outputs for
-    which p is relevant. `rows(index)` gives the [len(index), P / groups] sums of
-    those output rows; only relevant rows are asked for, `step` at a time."""
+    which p is relevant. `rows(index)` gives a new [len(index), P / groups] tensor
+    of the sums of those output rows (it is overwritten); only relevant rows are
+    asked for, `step` at a time. Counts are integers, so summing them as integers
+    gives the float64 values exactly."""
     relevant = torch.nonzero(out_mask).flatten()
-    t = torch.zeros(groups, pg, dtype=torch.float64)
+    t = torch.zeros(groups, pg, dtype=torch.long)
     qg = q // groups
     for i in range(0, relevant.numel(), step):
         index = relevant[i : i + step]
-        r_hat = (_minmax(rows(index), 1) > alpha).to(torch.float64)
-        t.index_add_(0, torch.div(index, qg, rounding_mode="floor"), r_hat)
-    return t.reshape(groups * pg)
+        r_hat = _row_relevance(rows(index), alpha)
+        if groups == 1:
+            t[0] += r_hat.sum(0)
+        else:
+            t.index_add_(0, torch.div(index, qg, rounding_mode="floor"), r_hat.long())
+    return t.reshape(groups * pg).to(torch.float64)
 
 
 def mda_layer_rule(
@@ -420,14 +453,16 @@ def mda_layer_rule(
 
 
 class _LinearSums:
-    """A linear layer's [Q, P] class sums, formed a block of rows at a time."""
+    """The [Q, P / groups] class sums of a layer read through one tap (`single_tap`;
+    `weight`: that tap's), formed a block of rows at a time."""
 
-    def __init__(self, sums, layer: str, row: int, weight: torch.Tensor):
+    def __init__(self, sums, layer: str, row: int, weight: torch.Tensor, groups: int):
         self.sums, self.layer, self.row, self.weight = sums, layer, row, weight
+        self.groups = groups
         self.shape = tuple(weight.shape)
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        return linear_class_sums(self.sums, self.layer, self.row, self.weight, index)
+        return linear_class_sums(self.sums, self.layer, self.row, self.weight, index, self.groups)
 
 
 def _row(sums: dict[str, torch.Tensor], c: int) -> int:
@@ -442,13 +477,16 @@ def _row(sums: dict[str, torch.Tensor], c: int) -> int:
 
 def layer_sums(model: SourceModel, sums: dict[str, torch.Tensor], c: int, layer: str):
     """The [Q, P / groups] clamped-contribution sums R_c of one layer for class c
-    (a linear layer's are formed from its sums of x+ and x-)."""
+    (a layer read through one tap has them formed from its sums of x+ and x-)."""
     row = _row(sums, c)
     if layer in sums:
         return sums[layer][row]
     node = next(n for n in model.graph.layers() if n.layer == layer)
-    weight = model.graph.tensors[node.weight_key()]
-    return linear_class_sums(sums, layer, row, weight)
+    return linear_class_sums(sums, layer, row, _signed_weight(model, node), groups=_groups(node))
+
+
+def _groups(node) -> int:
+    return node.conv_options()[3] if node.kind == "conv" else 1
 
 
 def masks_from_sums(
@@ -457,23 +495,24 @@ def masks_from_sums(
     """The masks of `classes` from `contribution_sums` (or `add_sums` of several).
     Also takes dense sums {layer: [num_model_classes, Q, P / groups]} (row = class)."""
     graph = model.graph
+    refs_of = tensor_refs(graph)
+    signed = {n.layer: _signed_weight(model, n) for n in graph.layers()}
     out: dict[int, dict[str, torch.Tensor]] = {}
     for c in classes:
         row = _row(sums, c)
 
         def rule(node, m, row=row):
             kind = "conv" if node.kind == "conv" else "linear"
-            groups = node.conv_options()[3] if node.kind == "conv" else 1
+            groups = _groups(node)
             if node.layer in sums:
                 r = sums[node.layer][row]
             else:
-                weight = graph.tensors[node.weight_key()]
-                r = _LinearSums(sums, node.layer, row, weight)
+                r = _LinearSums(sums, node.layer, row, signed[node.layer], groups)
             return mda_layer_rule(r, m, alpha[kind], beta[kind], groups)
 
         one_hot = torch.zeros(graph.num_outputs, dtype=torch.bool)
         one_hot[c] = True
-        demands = backward_masks(graph, one_hot, rule)
+        demands = backward_masks(graph, one_hot, rule, refs_of)
         out[c] = {
             n.layer: demands.get(
                 n.layer, torch.zeros(graph.node(n.args[0].name).channels, dtype=torch.bool)

@@ -144,3 +144,25 @@ def test_class_sums_equal_per_sample_contributions_summed_by_class(groups, block
     expected = torch.stack([per_sample[labels == c].sum(0) for c in range(3)])
     got = conv_class_sums(x, w, (2, 2), (1, 1), (1, 1), groups, labels, 3)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, size, tap",
+    [
+        (1, 1, 0, 5, 0),  # 1x1: its one tap
+        (3, 1, 1, 1, 4),  # 3x3 on a 1x1 map: the centre; the others read padding
+        (3, 1, 1, 2, None),  # on 2x2 every tap reads something
+        (3, 2, 1, 2, None),  # stride 2 on 2x2: four taps read the input
+        (3, 1, 0, 3, None),  # no padding: all nine
+    ],
+)
+def test_single_tap_only_where_one_tap_reads_the_input(kernel, stride, padding, size, tap):
+    from torch import nn
+
+    from lego_core.contributions import single_tap
+    from lego_core.graph import capture
+
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding)
+    graph = capture(nn.Sequential(conv, nn.Flatten()).eval(), torch.zeros(2, 3, size, size))
+    node = next(iter(graph.layers()))
+    assert single_tap(node, graph.tensors[node.weight_key()], (size, size)) == tap

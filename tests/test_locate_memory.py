@@ -26,8 +26,10 @@ CLASSES = [f"c{i}" for i in range(7)]
 
 
 class Mixed(nn.Module):
-    """Plain, grouped and depthwise convs, a residual add, and two linear layers,
-    the second on signed inputs (no ReLU in between)."""
+    """Plain, grouped and depthwise convs, plain and grouped 1x1 convs (one strided,
+    on signed inputs), a 3x3 conv on a 1x1 map (only its centre tap reads the
+    input) gating the channels, a residual add, and two linear layers, the second
+    on signed inputs (no ReLU in between)."""
 
     def __init__(self, classes: int):
         super().__init__()
@@ -35,13 +37,18 @@ class Mixed(nn.Module):
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
         self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
-        self.fc1 = nn.Linear(12 * 4 * 4, 20)
+        self.pointwise = nn.Conv2d(12, 12, 1, groups=3)
+        self.project = nn.Conv2d(12, 16, 1, stride=2)
+        self.gate = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 20)
         self.fc2 = nn.Linear(20, classes)
 
     def forward(self, x):
         x = self.stem(x)
         x = torch.relu(x + self.depthwise(torch.relu(self.grouped(x))))
         x = torch.relu(self.down(x))
+        x = torch.relu(self.project(self.pointwise(x)))
+        x = x * torch.sigmoid(self.gate(nn.functional.adaptive_avg_pool2d(x, 1)))
         x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
         return self.fc2(self.fc1(x))
 
@@ -123,8 +130,12 @@ def test_shard_sums_are_small_and_load_with_weights_only(mixed):
     sums = contribution_sums(model, data, idx, lab)
     classes = sums["#classes"].tolist()
     assert classes == sorted(set(lab.tolist()))
-    assert sums["fc1#pos"].shape == (len(classes), 12 * 16)  # [classes, P], not [C, Q, P]
-    assert "fc1" not in sums and "depthwise" not in sums  # nor depthwise convs' sums
+    assert sums["fc1#pos"].shape == (len(classes), 16 * 16)  # [classes, P], not [C, Q, P]
+    assert sums["pointwise#neg"].shape == (len(classes), 12)  # 1x1 convs too
+    assert sums["gate#pos"].shape == (len(classes), 16)  # and convs read through one tap
+    assert not {"fc1", "pointwise", "project", "gate"} & set(sums)
+    assert "depthwise" not in sums  # nor depthwise convs' sums
+    assert sums["down"].shape == (len(classes), 12, 8)  # larger kernels: [C, Q, P]
     buf = io.BytesIO()
     torch.save(sums, buf)
     buf.seek(0)
