@@ -277,7 +277,7 @@ def fixed_inputs(model: SourceModel) -> tuple[int, int]:
     return fixed, total
 
 
-def fixed_inputs_warning(model: SourceModel, threshold: float = 0.5) -> str | None:
+def fixed_inputs_warning(model: SourceModel, threshold: float = 0.25) -> str | None:
     """A sentence for the user when more than `threshold` of the located layers'
     input channels cannot be pruned (components then stay close to the source)."""
     fixed, total = fixed_inputs(model)
