@@ -613,6 +613,23 @@ def assemble(
 # The padded (block-diagonal) form
 
 
+# Kinds that merge_padded lays out block-diagonally (a layer norm mixes the
+# components' channels, an opaque op is not understood).
+_PADDED_KINDS = {
+    "input",
+    "scalar",
+    "conv",
+    "linear",
+    "bn",
+    "pass",
+    "getitem",
+    "tie",
+    "permute",
+    "cat",
+    "flatten",
+}
+
+
 def check_padded(parts: list[Part], comps: list[Component]) -> None:
     first = parts[0].model
     signature = [(n.name, n.kind, n.target) for n in first.graph.nodes]
@@ -626,7 +643,7 @@ def check_padded(parts: list[Part], comps: list[Component]) -> None:
                 "the padded form needs components with one input spec; use form 'branches'"
             )
         if c.graph.output_name != c.graph.nodes[-1].name or any(
-            n.kind == "opaque" for n in c.graph.nodes
+            n.kind not in _PADDED_KINDS for n in c.graph.nodes
         ):
             raise IncompatibleComponentsError(
                 "the padded form supports conv/linear/batch-norm/add/cat/flatten graphs only; "
@@ -704,7 +721,7 @@ def merge_padded(comps: list[Component], scales) -> LegoGraph:
                     merged[pos[i][name][:, None], pos[i][src][None, :]] = w
             tensors[node.weight_key()] = merged
             node = merged_bias(node, [pos[i][name] for i in range(k)], width[name])
-        elif node.kind in ("bn", "pass", "getitem", "tie"):
+        elif node.kind in ("bn", "pass", "getitem", "tie", "permute"):
             src = [r for r in node.refs() if r in width][0]
             for i in range(k):
                 pos[i][name] = pos[i][src]

@@ -9,8 +9,9 @@ A concatenation's layout is its parts' segments in order. Element-wise ops
 between two feature maps (residual adds) tie their operands' atoms into one
 (union-find), so a residual stream keeps one set of channels everywhere.
 
-Atoms that touch an opaque op, the image input and grouped (not depthwise)
-convs are *fixed*: never pruned. That keeps every pruned graph exactly
+Atoms that touch an opaque op, the image input, the input of a layer norm
+(its statistics span every channel) and grouped (not depthwise) convs are
+*fixed*: never pruned. That keeps every pruned graph exactly
 executable without understanding every op.
 """
 
@@ -84,8 +85,12 @@ class ChannelSpaces:
                 self.layout[node.name] = [(self.new_atom(node.channels, fixed=groups != 1), 1)]
         elif kind == "linear":
             self.layout[node.name] = [(self.new_atom(node.channels), 1)]
-        elif kind in ("bn", "pass", "getitem"):
+        elif kind in ("bn", "pass", "getitem", "permute"):
             self.layout[node.name] = self.layout[self._tensor_refs(node)[0]]
+        elif kind == "norm":  # statistics over every input channel: kept whole
+            src = self.layout[self._tensor_refs(node)[0]]
+            self.fix(src)
+            self.layout[node.name] = src
         elif kind == "tie":
             a, b = (self.layout[r] for r in self._tensor_refs(node)[:2])
             if self._same_structure(a, b):
@@ -207,7 +212,7 @@ def backward_masks(
             m_in = m.clone() if is_depthwise(node, graph) else layer_rule(node, m)
             demands[node.layer] = m_in
             give(node.args[0].name, m_in)
-        elif node.kind in ("bn", "pass", "getitem"):
+        elif node.kind in ("bn", "pass", "getitem", "permute"):
             give(refs[0], m)
         elif node.kind == "tie":
             for r in refs[:2]:

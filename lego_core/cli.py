@@ -43,6 +43,7 @@ from lego_core.assemble import (
     assemble,
 )
 from lego_core.data import ImageFolderData, load_image_folder
+from lego_core.disassemble import fixed_inputs_warning
 from lego_core.errors import (
     DatasetError,
     IncompatibleComponentsError,
@@ -507,6 +508,9 @@ def cmd_locate(args: argparse.Namespace) -> int:
     header = ["class", "samples", "channels kept", "params", "FLOPs"]
     print(_table(rows, [*header, "per layer"] if args.verbose else header))
     print(f"source: {_n(src_params)} params, {_n(src_flops)} FLOPs")
+    warning = fixed_inputs_warning(model)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
 

@@ -12,7 +12,9 @@ formulation's B x Q x P x H x W partial convolutions. Each sample's s is
 clamped at zero (s <- max(s, 0)) before samples are summed per class.
 
 For a linear layer s[q, p] = max(w[q, p] * a[p], 0); when the input is
-non-negative (after a ReLU) the sum over samples is max(w, 0) * sum(a).
+non-negative (after a ReLU) the sum over samples is max(w, 0) * sum(a). A linear
+layer over the last axis of a channels-last map is a 1x1 conv: a[p] is then the
+sum of input channel p over all positions.
 
 Per-class sums of one batch are formed in float32 and accumulated across
 batches in float64, so that adding shards (whole batches) in any order gives
@@ -253,6 +255,8 @@ class ContributionAccumulator:
             if node.kind == "conv":  # [B, P]: each input summed over what its one tap reads
                 stride, padding, dilation, _ = node.conv_options()
                 x = tap_sums(x, tuple(weight.shape[2:]), stride, padding, dilation)[:, :, tap]
+            elif x.dim() > 2:  # channels-last map: a 1x1 conv, summed over positions
+                x = x.flatten(1, -2).sum(1)
             k = self.classes.numel()
             for key, part in ((POS, x.clamp(min=0)), (NEG, x.clamp(max=0))):
                 acc = self.sums.get(node.layer + key)

@@ -35,6 +35,10 @@ class Component:
     source: str = ""
     # Calibration samples (dataset rows per output position) for scaling.
     selected: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Per located layer: [input channels the component holds, input channels of the
+    # source]. Channels in spaces that cannot be pruned count as held, whatever
+    # the masks say (see `lego_core.channels`).
+    kept_inputs: dict[str, list[int]] = field(default_factory=dict)
 
     def net(self) -> GraphNet:
         return GraphNet(self.graph).eval()
@@ -58,6 +62,8 @@ def input_means(
 
     def hook(node, x):
         if node.kind == "linear":
+            if x.dim() > 2:  # channels-last map: the mean over positions
+                x = x.flatten(1, -2).mean(1)
             total = x.double().sum(0)
         else:
             stride, padding, dilation, groups = node.conv_options()
@@ -125,9 +131,9 @@ def prune_graph(
             # grouped convs touch only fixed atoms: kept whole
             if node.bias_key():
                 tensors[node.bias_key()] = graph.tensors[node.bias_key()][out_idx].clone()
-        elif node.kind == "bn":
+        elif node.kind in ("bn", "norm"):
             idx = spaces.value_indices(node.name, keep)
-            for a in node.args[1:5]:
+            for a in node.args[1:5] if node.kind == "bn" else node.args[2:4]:
                 if isinstance(a, Param):
                     tensors[a.key] = graph.tensors[a.key][idx].clone()
         nodes.append(node)
@@ -229,7 +235,8 @@ def disassemble(
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         if rows.numel() and int(rows.max()) < len(data):
             means = input_means(model, data, rows, device=device)
-    graph = prune_graph(model, class_set_demand(model, components, idx), idx, means)
+    demanded = class_set_demand(model, components, idx)
+    graph = prune_graph(model, demanded, idx, means)
     return Component(
         graph=graph,
         spec=model.spec,
@@ -237,6 +244,49 @@ def disassemble(
         class_indices=idx,
         source=model.name,
         selected={i: components.selected[c] for i, c in enumerate(idx) if c in components.selected},
+        kept_inputs=kept_inputs(model, demanded),
+    )
+
+
+def kept_inputs(model: SourceModel, demanded: dict[int, torch.Tensor]) -> dict[str, list[int]]:
+    """Per located layer, [input channels kept, input channels in the source] for
+    the per-atom `demanded` channels, as `prune_graph` keeps them."""
+    spaces = model.spaces
+    keep = spaces.keep_indices(demanded)
+    out = {}
+    for node in model.graph.layers():
+        value = node.args[0].name
+        total = sum(spaces.sizes[a] * f for a, f in spaces.layout[value])
+        out[node.layer] = [int(spaces.value_indices(value, keep).numel()), total]
+    return out
+
+
+def fixed_inputs(model: SourceModel) -> tuple[int, int]:
+    """Input channels of the located layers (the image excepted) that no component
+    can remove, because they feed a layer norm, a grouped conv or an op that is not
+    modelled, and all such input channels: (fixed, total)."""
+    spaces, graph = model.spaces, model.graph
+    fixed = total = 0
+    for node in graph.layers():
+        value = node.args[0].name
+        if value == graph.input_name:
+            continue
+        for a, f in spaces.layout[value]:
+            total += spaces.sizes[a] * f
+            fixed += spaces.sizes[a] * f if spaces.is_fixed(a) else 0
+    return fixed, total
+
+
+def fixed_inputs_warning(model: SourceModel, threshold: float = 0.25) -> str | None:
+    """A sentence for the user when more than `threshold` of the located layers'
+    input channels cannot be pruned (components then stay close to the source)."""
+    fixed, total = fixed_inputs(model)
+    if not total or fixed / total <= threshold:
+        return None
+    return (
+        f"{fixed} of {total} input channels of this model's layers ({100 * fixed / total:.0f}%) "
+        "cannot be pruned: they feed layer norms, grouped convs or operations that the engine "
+        "keeps whole (e.g. channel shuffles, attention), so every component keeps them"
     )
 
 

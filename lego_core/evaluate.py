@@ -35,16 +35,26 @@ def count_flops(model, spec: InputSpec | None = None) -> int:
 
 
 def component_stats(model, components, progress=None) -> dict[int, dict]:
-    """Params and FLOPs of every located class's single-class component, as
-    {class: {"params": n, "flops": n}} (what `Components.stats` holds)."""
+    """Params, FLOPs and kept input channels of every located class's single-class
+    component, as {class: single_class_stats} (what `Components.stats` holds)."""
     classes = components.located_classes
     stats = {}
     for i, c in enumerate(classes):
-        comp = disassemble(model, components, [c])
-        stats[c] = {"params": comp.graph.param_count(), "flops": count_flops(comp)}
+        stats[c] = single_class_stats(disassemble(model, components, [c]))
         if progress:
             progress((i + 1) / len(classes), "measuring components")
     return stats
+
+
+def single_class_stats(comp) -> dict:
+    """What a component really holds: params, FLOPs, and per layer the input
+    channels kept ("layers", [kept, total]; this replaces the masks' counts in
+    `Components.summary`, since channels that cannot be pruned stay)."""
+    return {
+        "params": comp.graph.param_count(),
+        "flops": count_flops(comp),
+        "layers": {k: list(v) for k, v in comp.kept_inputs.items()},
+    }
 
 
 def count_params(module: nn.Module) -> int:

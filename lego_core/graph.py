@@ -10,11 +10,20 @@ the parameter tensors and a few channel-count arguments, so a pruned or merged
 network runs through the very same code path as its source.
 
 Channel semantics: every node gets a `kind` that says how it treats the channel
-axis (dim 1), which is what locating and pruning need to know:
+axis, which is what locating and pruning need to know. The channel axis of
+a value is `Node.channel_dim` (1 for NCHW maps and [B, F] features; the last
+axis for channels-last maps):
 
 - conv / linear: the located layers; they consume one channel space and
-  produce a new one (depthwise convs pass their space through);
+  produce a new one (depthwise convs pass their space through). A linear layer
+  over the last axis of a channels-last map ([B, H, W, C], or [B, N, C]) is a
+  1x1 conv: its input features are channels and its outputs new channels;
 - bn, pass: per-channel ops (activations, pooling, dropout, spatial means);
+- permute: moves the channel axis (NCHW <-> NHWC), keeping the batch first;
+- norm: layer norm over the channel axis. Each output channel is an affine map
+  of its own input channel, but through a mean and variance over all channels,
+  so removing any input channel changes every output: its input channels are
+  kept whole (pruning them would not be exact);
 - tie: element-wise binary ops between two feature maps (residual add, SE
   multiply): both operands share one channel space;
 - cat: concatenation along channels; flatten: [B, C, H, W] -> [B, C*H*W];
@@ -40,6 +49,17 @@ from lego_core.errors import ModelFileError
 
 aten = torch.ops.aten
 
+# Pass ops that pool over the two spatial axes of an NCHW map.
+_SPATIAL_TARGETS = {
+    aten.max_pool2d.default,
+    aten.avg_pool2d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.adaptive_max_pool2d.default,
+    aten.max_pool2d_with_indices.default,
+    aten._adaptive_avg_pool2d.default,
+}
+# Pass ops that reduce over the axes they are given (never the batch or channels).
+_REDUCE_TARGETS = {aten.mean.dim, aten.amax.default, aten.sum.dim_IntList}
 # Per-channel unary ops: the output's channel c depends only on input channel c.
 _PASS_TARGETS = {
     aten.relu.default,
@@ -62,15 +82,8 @@ _PASS_TARGETS = {
     aten.dropout_.default,
     aten.clone.default,
     aten.contiguous.default,
-    aten.max_pool2d.default,
-    aten.avg_pool2d.default,
-    aten.adaptive_avg_pool2d.default,
-    aten.adaptive_max_pool2d.default,
-    aten.max_pool2d_with_indices.default,
-    aten._adaptive_avg_pool2d.default,
-    aten.mean.dim,
-    aten.amax.default,
-    aten.sum.dim_IntList,
+    *_SPATIAL_TARGETS,
+    *_REDUCE_TARGETS,
     aten.mul.Scalar,
     aten.div.Scalar,
     aten.add.Scalar,
@@ -141,6 +154,11 @@ class Node:
     kwargs: dict = field(default_factory=dict)
     shape: tuple[int, ...] | None = None  # output shape without the batch dim; None if not a tensor
     layer: str | None = None  # conv/linear: the layer's name (its weight key without ".weight")
+    channel_dim: int = 1  # the channel axis of the output, counting the batch as 0
+
+    @property
+    def channels(self) -> int | None:
+        return self.shape[self.channel_dim - 1] if self.shape else None
 
     def refs(self) -> list[str]:
         """Names of the nodes whose values this node reads, in argument order."""
@@ -156,10 +174,6 @@ class Node:
         out: list[str] = []
         _walk(self.args, lambda a: out.append(a.key) if isinstance(a, Param) else None)
         return out
-
-    @property
-    def channels(self) -> int | None:
-        return self.shape[0] if self.shape else None
 
     # Accessors for the canonical layouts of conv / linear / bn arguments.
     def weight_key(self) -> str:
@@ -211,6 +225,7 @@ def max_pool2d_values(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mod
 
 
 _PASS_TARGETS.add(max_pool2d_values)
+_SPATIAL_TARGETS.add(max_pool2d_values)
 
 
 def _ints(v) -> tuple[int, ...]:
@@ -671,7 +686,7 @@ def _classify(graph: LegoGraph, example: torch.Tensor) -> None:
     for node in graph.nodes:
         if node.kind == "input":
             continue
-        node.kind = _kind_of(node, graph, values, param_users, batch)
+        node.kind, node.channel_dim = _kind_of(node, graph, values, param_users, batch)
         if node.kind in ("conv", "linear"):
             key = node.weight_key()
             node.layer = key[: -len(".weight")] if key.endswith(".weight") else key
@@ -680,14 +695,15 @@ def _classify(graph: LegoGraph, example: torch.Tensor) -> None:
         raise ModelFileError("the model must return logits of shape [batch, classes]")
 
 
-def _kind_of(node: Node, graph: LegoGraph, values, param_users, batch: int) -> str:
+def _kind_of(node: Node, graph: LegoGraph, values, param_users, batch: int) -> tuple[str, int]:
+    """The node's kind and the channel axis of its output (see the module docstring)."""
     t = node.target
     out = values.get(node.name)
     tensor_refs = [r for r in node.refs() if isinstance(values.get(r), torch.Tensor)]
     if not isinstance(out, torch.Tensor) and not isinstance(out, (tuple, list)):
-        return "scalar"
+        return "scalar", 1
     if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] != batch:
-        return "opaque"
+        return "opaque", 1
 
     def own_params_ok(*positions) -> bool:
         for p in positions:
@@ -696,18 +712,22 @@ def _kind_of(node: Node, graph: LegoGraph, values, param_users, batch: int) -> s
                 return False
         return True
 
+    def channel_dim(ref: str) -> int:
+        return graph.node(ref).channel_dim
+
     if t in _CONV_TARGETS:
         a = node.args
         if (
             isinstance(a[0], Ref)
+            and channel_dim(a[0].name) == 1
             and isinstance(a[1], Param)
             and own_params_ok(1, 2)
             and (len(a) <= 2 or a[2] is None or isinstance(a[2], Param))
             and graph.tensors[a[1].key].dim() == 4
             and not (t is aten.convolution.default and (a[6] or any(a[7])))
         ):
-            return "conv"
-        return "opaque"
+            return "conv", 1
+        return "opaque", 1
     if t is aten.linear.default:
         a = node.args
         if (
@@ -715,47 +735,94 @@ def _kind_of(node: Node, graph: LegoGraph, values, param_users, batch: int) -> s
             and isinstance(a[1], Param)
             and own_params_ok(1, 2)
             and (len(a) <= 2 or a[2] is None or isinstance(a[2], Param))
-            and values[a[0].name].dim() == 2
+            and values[a[0].name].dim() >= 2
+            and channel_dim(a[0].name) == values[a[0].name].dim() - 1
         ):
-            return "linear"
-        return "opaque"
+            # [B, F] features, or a channels-last map: a 1x1 conv over its last axis.
+            return "linear", out.dim() - 1
+        return "opaque", 1
     if t in _BN_TARGETS:
-        if all(isinstance(a, Param) or a is None for a in node.args[1:5]) and own_params_ok(
-            1, 2, 3, 4
+        if (
+            tensor_refs
+            and channel_dim(tensor_refs[0]) == 1
+            and all(isinstance(a, Param) or a is None for a in node.args[1:5])
+            and own_params_ok(1, 2, 3, 4)
         ):
-            return "bn"
-        return "opaque"
+            return "bn", 1
+        return "opaque", 1
+    if (
+        t is aten.layer_norm.default
+        and len(tensor_refs) == 1
+        and node.args[0] == Ref(tensor_refs[0])
+    ):
+        src = values[tensor_refs[0]]
+        shape = list(node.args[1]) if len(node.args) > 1 else []
+        if (
+            src.dim() >= 2
+            and channel_dim(tensor_refs[0]) == src.dim() - 1
+            and shape == [src.shape[-1]]
+            and own_params_ok(2, 3)
+        ):
+            return "norm", src.dim() - 1
+        return "opaque", 1
+    if t is aten.permute.default and len(tensor_refs) == 1:
+        dims = [d % values[tensor_refs[0]].dim() for d in node.args[1]]
+        if dims[0] == 0:
+            return "permute", dims.index(channel_dim(tensor_refs[0]))
+        return "opaque", 1
     if t is operator.getitem:
-        return "getitem" if node.args[1] == 0 else "opaque"
+        if node.args[1] == 0 and node.refs():
+            return "getitem", channel_dim(node.refs()[0])
+        return "opaque", 1
     if t is aten.cat.default:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         parts = node.args[0]
-        if dim in (1, -out.dim() + 1) and all(isinstance(p, Ref) for p in parts):
-            return "cat"
-        return "opaque"
+        if all(isinstance(p, Ref) for p in parts):
+            dims = {channel_dim(p.name) for p in parts}
+            if len(dims) == 1 and dim % out.dim() == dims.pop() and dim % out.dim() != 0:
+                return "cat", dim % out.dim()
+        return "opaque", 1
     if t in _FLATTEN_TARGETS and len(tensor_refs) == 1:
         src = values[tensor_refs[0]]
-        if src.dim() >= 2 and out.dim() == 2 and out.shape[1] == src[0].numel():
-            return "flatten"
-        return "opaque"
+        if (
+            src.dim() >= 2
+            and out.dim() == 2
+            and out.shape[1] == src[0].numel()
+            and channel_dim(tensor_refs[0]) == 1
+        ):
+            return "flatten", 1  # channel-major: channel c becomes consecutive features
+        return "opaque", 1
     if t in _TIE_TARGETS:
         if len(tensor_refs) == 2 and not node.params():
             a, b = (values[r] for r in tensor_refs)
-            if a.dim() == b.dim() == out.dim() >= 2 and a.shape[1] == b.shape[1] == out.shape[1]:
-                return "tie"
+            d = channel_dim(tensor_refs[0])
+            if (
+                channel_dim(tensor_refs[1]) == d
+                and a.dim() == b.dim() == out.dim() >= 2
+                and a.shape[d] == b.shape[d] == out.shape[d]
+            ):
+                return "tie", d
         if len(tensor_refs) == 1 and not node.params():
-            return "pass"  # tensor with a Python scalar
-        return "opaque"
+            return "pass", channel_dim(tensor_refs[0])  # tensor with a Python scalar
+        return "opaque", 1
     if t in _PASS_TARGETS and tensor_refs and not node.params():
         src = values[tensor_refs[0]]
+        d = channel_dim(tensor_refs[0])
         first = out[0] if isinstance(out, (tuple, list)) else out
-        if src.dim() >= 2 and first.dim() >= 2 and first.shape[1] == src.shape[1]:
-            if t in (aten.mean.dim, aten.amax.default, aten.sum.dim_IntList):
-                dims = node.args[1] if len(node.args) > 1 else []
-                dims = [
-                    d % src.dim() for d in (dims if isinstance(dims, (list, tuple)) else [dims])
-                ]
-                if 0 in dims or 1 in dims:
-                    return "opaque"
-            return "pass"
-    return "opaque"
+        if t in _SPATIAL_TARGETS and d != 1:
+            return "opaque", 1  # pooling a channels-last map would pool over channels
+        if t in _REDUCE_TARGETS:
+            dims = node.args[1] if len(node.args) > 1 else []
+            dims = {x % src.dim() for x in (dims if isinstance(dims, (list, tuple)) else [dims])}
+            keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim"))
+            if not dims or 0 in dims or d in dims:
+                return "opaque", 1
+            if not keepdim:
+                d -= sum(1 for x in dims if x < d)
+        if (
+            src.dim() >= 2
+            and first.dim() > d
+            and first.shape[d] == src.shape[channel_dim(tensor_refs[0])]
+        ):
+            return "pass", d
+    return "opaque", 1

@@ -77,8 +77,11 @@ class Components:
         return sorted(self.masks)
 
     def summary(self) -> dict[str, dict]:
-        """Per class name: input channels kept per layer, params and FLOPs of
-        the single-class component."""
+        """Per class name: input channels per layer ([kept, total]), params and
+        FLOPs of the single-class component. Without `stats` the layer counts are
+        the masks' (the relevant channels); `lego_core.evaluate.component_stats`
+        measures what the component really keeps, which replaces them (channels
+        that cannot be pruned stay in every component)."""
         out = {}
         for c in self.located_classes:
             layers = {layer: [int(m.sum()), int(m.numel())] for layer, m in self.masks[c].items()}
@@ -475,6 +478,13 @@ def _row(sums: dict[str, torch.Tensor], c: int) -> int:
     return row
 
 
+def is_conv_like(graph, node) -> bool:
+    """Conv layers, and linear layers over the channels of a feature map (1x1 convs),
+    which take the conv layers' alpha and beta."""
+    shape = graph.node(node.args[0].name).shape or ()
+    return node.kind == "conv" or len(shape) > 1
+
+
 def layer_sums(model: SourceModel, sums: dict[str, torch.Tensor], c: int, layer: str):
     """The [Q, P / groups] clamped-contribution sums R_c of one layer for class c
     (a layer read through one tap has them formed from its sums of x+ and x-)."""
@@ -502,7 +512,7 @@ def masks_from_sums(
         row = _row(sums, c)
 
         def rule(node, m, row=row):
-            kind = "conv" if node.kind == "conv" else "linear"
+            kind = "conv" if is_conv_like(graph, node) else "linear"
             groups = _groups(node)
             if node.layer in sums:
                 r = sums[node.layer][row]

@@ -80,3 +80,58 @@ def test_param_count_counts_every_parameter_and_buffer():
     total = sum(p.numel() for p in resnet.parameters())
     stats = sum(b.numel() for n, b in resnet.named_buffers() if "running" in n)
     assert total + stats <= model.graph.param_count()
+
+
+def test_convnext_prunes_its_mlp_channels_and_keeps_layer_norm_inputs_whole():
+    """A linear layer over a channels-last map is a 1x1 conv: its outputs can be
+    pruned. A layer norm's inputs cannot (its statistics span every channel), and
+    what a component reports keeping is what its weights hold."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    from lego_core import Components, disassemble
+    from lego_core.disassemble import fixed_inputs_warning
+    from lego_core.evaluate import single_class_stats
+
+    torch.manual_seed(0)
+    module = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10)
+    model = source_from_module(module.eval(), CIFAR10_SPEC, NAMES, "convnext")
+    norms = [n.kind for n in model.graph.nodes if n.target is torch.ops.aten.layer_norm.default]
+    assert norms and set(norms) == {"norm"}
+    hidden = [n for n in model.graph.layers() if n.kind == "linear" and len(n.shape) == 3]
+    assert len(hidden) == 4  # two per block
+    # Masks that drop half of every layer's inputs.
+    masks = {
+        c: {
+            n.layer: torch.arange(model.graph.node(n.args[0].name).channels) % 2 == 0
+            for n in model.graph.layers()
+        }
+        for c in range(10)
+    }
+    comps = Components(NAMES, [n.layer for n in model.graph.layers()], masks, {}, {})
+    comp = disassemble(model, comps, [3])
+    stats = single_class_stats(comp)
+    for node in comp.graph.layers():
+        w = comp.graph.tensors[node.weight_key()]
+        groups = node.conv_options()[3] if node.kind == "conv" else 1
+        assert stats["layers"][node.layer][0] == w.shape[1] * groups
+    first_mlp, second_mlp = hidden[0], hidden[1]
+    # The MLP's hidden channels are pruned; its input (a layer norm's output) is whole.
+    assert stats["layers"][second_mlp.layer] == [32, 64]
+    assert stats["layers"][first_mlp.layer] == [16, 16]
+    assert stats["params"] < model.graph.param_count()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.net()(x), module(x), atol=1e-5)
+    # The residual stream feeds every block's layer norm: kept whole, and said so.
+    assert "layer norms" in fixed_inputs_warning(model)
+
+
+def test_shufflenet_is_warned_about_channels_that_cannot_be_pruned():
+    from lego_core.disassemble import fixed_inputs_warning
+
+    torch.manual_seed(0)
+    model = source_from_module(
+        tvm.shufflenet_v2_x0_5(num_classes=10).eval(), CIFAR10_SPEC, NAMES, "shufflenet"
+    )
+    warning = fixed_inputs_warning(model)
+    assert warning is not None and "cannot be pruned" in warning

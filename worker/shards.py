@@ -300,11 +300,10 @@ def locate_sharded(ctx, model, data, count: int, with_stats: bool = True):
     )
     if with_stats:
         from lego_core.disassemble import disassemble
-        from lego_core.evaluate import count_flops
+        from lego_core.evaluate import single_class_stats
 
         for i, c in enumerate(classes):
-            comp = disassemble(model, comps, [c])
-            comps.stats[c] = {"params": comp.graph.param_count(), "flops": count_flops(comp)}
+            comps.stats[c] = single_class_stats(disassemble(model, comps, [c]))
             ctx.progress(0.85 + 0.1 * (i + 1) / len(classes), "measuring components")
     shutil.rmtree(directory, ignore_errors=True)
     return comps
