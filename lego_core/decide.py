@@ -188,8 +188,8 @@ class GaussianStage(nn.Module):
         d = weight.shape[1]
         self.register_buffer("weight", weight.float().clone())
         self.register_buffer("bias", bias.float().clone())
-        self.register_buffer("center", _or_empty(center, (d,)))
-        self.register_buffer("inv_scale", _or_empty(inv_scale, (d,)))
+        self.register_buffer("center", _or_empty(center, (0,)))
+        self.register_buffer("inv_scale", _or_empty(inv_scale, (0,)))
         self.register_buffer("projection", _or_empty(projection, (d, 0)))
         self.register_buffer("quadratic_weight", _or_empty(quadratic_weight, (weight.shape[0], 0)))
 
@@ -208,8 +208,7 @@ class GaussianStage(nn.Module):
     def size(self) -> tuple[int, int]:
         """(params, FLOPs a sample) of what the stage holds and computes."""
         c, d = self.weight.shape
-        params = sum(b.numel() for b in self.buffers()) if self.rank else c * d + c
-        return params, stage_flops(d, c, self.rank)
+        return sum(b.numel() for b in self.buffers()), stage_flops(d, c, self.rank)
 
 
 def _or_empty(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
