@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
@@ -67,6 +69,7 @@ from lego_core.decide import (
     part_index,
 )
 from lego_core.errors import IncompatibleComponentsError
+from lego_core.files import atomic_write
 from lego_core.locate import contribution_sums, masks_from_sums, sample_order
 
 ALL = tuple(range(10))
@@ -243,15 +246,48 @@ def test_sets(models: dict[str, Trained], data: Data, spec_parts) -> list[ImageF
     return [data.mnist_test_rgb32(), data.test("cifar10")]
 
 
-def table_assembly(models: dict[str, Trained], data: Data, jobs: int = 1) -> list[dict]:
+def code_fingerprint() -> str:
+    """A hash of the code that measures a row (lego_core and experiments): a saved
+    row is reused only by the same code."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("lego_core/*.py"), *ROOT.glob("experiments/*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def table_assembly(
+    models: dict[str, Trained], data: Data, settings: Settings, jobs: int = 1
+) -> list[dict]:
     """Table 2, one row per ASSEMBLIES entry; with `jobs` > 1 the rows run in
-    that many forked processes (each single-threaded), in the same order."""
+    that many forked processes (each single-threaded), in the same order. Each
+    finished row is saved under the cache (keyed by the code's fingerprint), so
+    a run that stops (a worker killed for memory raises, it does not hang) keeps
+    its rows, and a re-run with the same code measures only the missing ones."""
+    saved = settings.cache / "table2" / code_fingerprint()
+    saved.mkdir(parents=True, exist_ok=True)
+    rows: dict[int, dict] = {}
+    for i in range(len(ASSEMBLIES)):
+        if (saved / f"{i}.json").exists():
+            rows[i] = json.loads((saved / f"{i}.json").read_text())
+            log(f"table 2: row {i} from {saved / f'{i}.json'}")
+    missing = [i for i in range(len(ASSEMBLIES)) if i not in rows]
+
+    def keep(i: int, row: dict) -> None:
+        rows[i] = row
+        atomic_write(saved / f"{i}.json", lambda f: json.dump(row, f), mode="w")
+
     if jobs <= 1:
-        return [assembly_row(models, data, group, spec) for group, spec in ASSEMBLIES]
-    global _FORKED
-    _FORKED = (models, data)
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        return pool.map(_forked_assembly_row, range(len(ASSEMBLIES)), chunksize=1)
+        for i in missing:
+            keep(i, assembly_row(models, data, *ASSEMBLIES[i]))
+    else:
+        global _FORKED
+        _FORKED = (models, data)
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {pool.submit(_forked_assembly_row, i): i for i in missing}
+            for done in as_completed(futures):
+                keep(futures[done], done.result())
+    return [rows[i] for i in range(len(ASSEMBLIES))]
 
 
 _FORKED: tuple | None = None  # (models, data), inherited by table 2's forked workers
@@ -619,7 +655,7 @@ def run(settings: Settings) -> dict:
     table1 = table_disassembly(models, data, sums)
     timings["table1"] = round(time.time() - t, 1)
     t = time.time()
-    table2 = table_assembly(models, data, settings.jobs)
+    table2 = table_assembly(models, data, settings, settings.jobs)
     timings["table2"] = round(time.time() - t, 1)
     t = time.time()
     table3 = table_sensitivity(models, data, sums, settings)

@@ -115,32 +115,72 @@ def _oas_shrinkage(cov: torch.Tensor, n: int) -> float:
     return 1.0 if den <= 0 else min(1.0, max(0.0, num / den))
 
 
+# Samples per block when the fit accumulates its statistics: the pool can hold
+# 100,000 samples of thousands of features, whose float64 copies (and pairwise
+# products) would take tens of GiB at once.
+FIT_BLOCK = 4096
+
+
+def _blocks(n: int):
+    return (slice(i, min(n, i + FIT_BLOCK)) for i in range(0, n, FIT_BLOCK))
+
+
+def _class_moments(features, labels: torch.Tensor, num_classes: int, n: int):
+    """Mean, unbiased std, class means and within-class scatter sum
+    (f - mu_y)^T (f - mu_y) of the features `features(block)` gives for row
+    blocks (float64), in two passes, one block in memory at a time."""
+    total, class_sums = None, None
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    for rows in _blocks(n):
+        f = features(rows)
+        if total is None:
+            total = torch.zeros(f.shape[1], dtype=torch.float64)
+            class_sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
+        total += f.sum(0)
+        class_sums.index_add_(0, labels[rows], f)
+    mean, mu = total / n, class_sums / counts.clamp(min=1)[:, None]
+    squares = torch.zeros_like(mean)
+    scatter = torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64)
+    for rows in _blocks(n):
+        f = features(rows)
+        squares += ((f - mean) ** 2).sum(0)
+        centred = f - mu[labels[rows]]
+        scatter += centred.T @ centred
+    return mean, (squares / max(1, n - 1)).sqrt(), mu, scatter
+
+
 def fit_gaussian_discriminant(
-    z: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None = None
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    shrinkage: float | None = None,
+    features=None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Closed-form linear discriminant: scores = z @ W.T + b are the log class
     posteriors (up to a constant) of Gaussians with class means and one shared,
     shrunk covariance, equal priors. Features are standardised inside the fit
-    (folded into W and b); constant features get zero weight.
+    (folded into W and b); constant features get zero weight. `features(rows)`,
+    if given, computes the float64 features of a block of rows of z (memory
+    stays at one block); by default they are z's own.
     Returns (W [C, D], b [C], info)."""
-    z = z.double()
-    mean, std = z.mean(0), z.std(0)
+    n = z.shape[0]
+    features = features or (lambda rows: z[rows].double())
+    mean, std, mu, scatter = _class_moments(features, labels, num_classes, n)
     live = std > 1e-8 * float(std.max().clamp(min=1e-30))
-    zs = (z[:, live] - mean[live]) / std[live]
-    mu = torch.stack([zs[labels == k].mean(0) for k in range(num_classes)])
-    centred = zs - mu[labels]
-    n, d = zs.shape
-    cov = centred.T @ centred / max(1, n - num_classes)
+    s = std[live]
+    mu_s = (mu[:, live] - mean[live]) / s
+    d = int(live.sum())
+    cov = scatter[live][:, live] / (s[:, None] * s[None, :]) / max(1, n - num_classes)
     rho = _oas_shrinkage(cov, n) if shrinkage is None else float(shrinkage)
     target = float(cov.trace()) / d
     cov = (1 - rho) * cov + rho * target * torch.eye(d, dtype=cov.dtype)
-    weight_live = torch.linalg.solve(cov, mu.T).T  # [C, d]
-    bias = -0.5 * (weight_live * mu).sum(1)
-    weight_live = weight_live / std[live]
+    weight_live = torch.linalg.solve(cov, mu_s.T).T  # [C, d]
+    bias = -0.5 * (weight_live * mu_s).sum(1)
+    weight_live = weight_live / s
     bias = bias - weight_live @ mean[live]
-    weight = torch.zeros(num_classes, z.shape[1], dtype=z.dtype)
+    weight = torch.zeros(num_classes, mean.numel(), dtype=torch.float64)
     weight[:, live] = weight_live
-    info = {"features": int(z.shape[1]), "live_features": int(d), "shrinkage": round(rho, 4)}
+    info = {"features": int(mean.numel()), "live_features": d, "shrinkage": round(rho, 4)}
     return weight.float(), bias.float(), info
 
 
@@ -224,12 +264,13 @@ def fit_decision_stage(
 ) -> tuple[GaussianStage, dict]:
     """The Gaussian discriminant on z, with `rank` principal components' pairwise
     products as extra features (default: `quadratic_rank` of the pool and the
-    budget). The
-    components are those of the standardised features, whitened, so every
-    product has unit scale. Closed form: one SVD and one linear solve."""
+    budget). The components are those of the standardised features, whitened,
+    so every product has unit scale. Closed form: one eigendecomposition and one
+    linear solve, on statistics accumulated FIT_BLOCK samples at a time."""
     n, d = z.shape
-    z64 = z.double()
-    center, scale = z64.mean(0), z64.std(0)
+    center = z.mean(0, dtype=torch.float64)
+    squares = sum(((z[rows].double() - center) ** 2).sum(0) for rows in _blocks(n))
+    scale = (squares / max(1, n - 1)).sqrt()
     live = scale > 1e-8 * float(scale.max().clamp(min=1e-30))
     inv_scale = torch.where(live, 1 / scale.clamp(min=1e-30), torch.zeros_like(scale))
     if rank is None:
@@ -238,15 +279,27 @@ def fit_decision_stage(
         weight, bias, info = fit_gaussian_discriminant(z, labels, num_classes)
         info["quadratic_rank"] = 0
         return GaussianStage(weight, bias), info
-    zs = (z64 - center) * inv_scale
-    _, singular, vt = torch.linalg.svd(zs, full_matrices=False)
-    projection = vt[:rank].T / (singular[:rank] / n**0.5).clamp(min=1e-12)
-    q = zs @ projection
+
+    def standardised(rows):
+        return (z[rows].double() - center) * inv_scale
+
+    # The top principal directions of the standardised features: eigenvectors of
+    # their covariance (accumulated a block at a time), whitened.
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    for rows in _blocks(n):
+        zs = standardised(rows)
+        gram += zs.T @ zs
+    variance, vectors = torch.linalg.eigh(gram / n)
+    top = variance.flip(0)[:rank].clamp(min=1e-24)
+    projection = vectors.flip(1)[:, :rank] / top.sqrt()
     upper = torch.triu_indices(rank, rank)
-    products = (q.unsqueeze(2) * q.unsqueeze(1))[:, upper[0], upper[1]]
-    weight, bias, info = fit_gaussian_discriminant(
-        torch.cat([z64, products], 1), labels, num_classes
-    )
+
+    def with_products(rows):
+        q = standardised(rows) @ projection
+        products = (q.unsqueeze(2) * q.unsqueeze(1))[:, upper[0], upper[1]]
+        return torch.cat([z[rows].double(), products], 1)
+
+    weight, bias, info = fit_gaussian_discriminant(z, labels, num_classes, features=with_products)
     quadratic_weight = torch.zeros(num_classes, rank, rank)
     quadratic_weight[:, upper[0], upper[1]] = weight[:, d:]
     stage = GaussianStage(

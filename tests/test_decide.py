@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lego_core import decide
 from lego_core.decide import (
     MAX_QUADRATIC_RANK,
     combine,
@@ -114,3 +115,17 @@ def test_stage_size_counts_what_it_holds_and_computes():
     linear, _ = fit_decision_stage(z, y, 3, rank=0)
     assert linear.size() == (3 * 8 + 3, 2 * 3 * 8)
     assert flops > linear.size()[1]
+
+
+def test_the_fit_in_blocks_equals_the_fit_in_one_block(monkeypatch):
+    # The statistics are accumulated FIT_BLOCK samples at a time so that a pool
+    # of 100,000 samples never holds its float64 products at once.
+    z, y, _, _ = gaussian_classes(700)
+    test, _, _, _ = gaussian_classes(300, seed=1)
+    outputs = []
+    for block in (10**6, 256):
+        monkeypatch.setattr(decide, "FIT_BLOCK", block)
+        stage, _ = fit_decision_stage(z, y, 3, rank=4)
+        with torch.no_grad():
+            outputs.append(stage(test))
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
