@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lego_core.channels import backward_masks, is_depthwise, tensor_refs
+from lego_core.channels import backward_masks, is_depthwise
 from lego_core.contributions import (
     CLASSES_KEY,
     ContributionAccumulator,
@@ -399,13 +399,13 @@ def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`_minmax(x, 1) > alpha` with the same arithmetic, overwriting `x` (a scratch
-    block): the row extremes, in-place shift and scale, and the
-    constant rows' 0/1 only where there are any. The mask phase of layers with
-    millions of weights runs through here once per class."""
-    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # (aminmax over a dim is slower)
+    """`_minmax(x, -1) > alpha` with the same arithmetic, overwriting `x` (a scratch
+    block of rows, [..., P / groups]): the row extremes, in-place shift and scale,
+    and the constant rows' 0/1 only where there are any. The mask phase of layers
+    with millions of weights runs through here once per class."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # (aminmax is slower)
     span = hi - lo
-    constant = ~(span > 0).flatten()
+    constant = ~(span > 0)[..., 0]
     any_constant = bool(constant.any())
     if any_constant:
         constant_rows = (x[constant] > 0).to(x.dtype) > alpha
@@ -434,38 +434,72 @@ def _relevance_counts(rows, q: int, pg: int, out_mask, alpha: float, groups: int
     return t.reshape(groups * pg).to(torch.float64)
 
 
+class _LayerSums:
+    """The [Q, P / groups] clamped-contribution sums R_c of one layer, for given rows
+    of the class sums: dense sums as they are; a layer read through one tap
+    (`single_tap`; `weight`: that tap's) has them formed from its sums of x+ and x-.
+    Every call gives a new tensor (the mask rule overwrites it)."""
+
+    def __init__(self, sums, layer: str, weight: torch.Tensor | None, groups: int):
+        self.sums, self.layer, self.weight, self.groups = sums, layer, weight, groups
+        self.dense = sums.get(layer)
+        self.shape = tuple(weight.shape) if self.dense is None else tuple(self.dense.shape[1:])
+
+    def classes(self, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), Q, P / groups]: every output row of the sums rows `rows`."""
+        if self.dense is not None:
+            return self.dense.index_select(0, rows)
+        return linear_class_sums(self.sums, self.layer, rows, self.weight, groups=self.groups)
+
+    def row(self, row: int):
+        """`index -> [len(index), P / groups]`: output rows `index` of sums row `row`."""
+        if self.dense is not None:
+            return self.dense[row].__getitem__
+        return lambda index: linear_class_sums(
+            self.sums, self.layer, row, self.weight, index, self.groups
+        )
+
+
 def mda_layer_rule(
-    r_sum: torch.Tensor, out_mask: torch.Tensor, alpha: float, beta: float, groups: int
-):
-    """MDA section 3 for one layer: which inputs matter, given relevant outputs.
+    r_sum: _LayerSums,
+    rows: torch.Tensor,
+    out_masks: torch.Tensor,
+    alpha: float,
+    beta: float,
+    groups: int,
+) -> torch.Tensor:
+    """MDA section 3 for one layer and several classes: which inputs matter to each
+    class, given its relevant outputs.
 
-    r_sum: [Q, P / groups] contributions (or a function of output row indices
-    giving those rows, with `shape`). Row-wise min-max over the inputs each output
-    sees, r_hat = r > alpha, t_p = number of relevant outputs for which p is
-    relevant, min-max over p, input mask = t > beta (strict, as the reference
-    code)."""
+    r_sum: the layer's [Q, P / groups] contributions of the sums rows `rows` (one a
+    class); out_masks: [len(rows), Q] each class's relevant outputs. Per class:
+    row-wise min-max over the inputs each output sees, r_hat = r > alpha, t_p =
+    number of relevant outputs for which p is relevant, min-max over p, input mask
+    = t > beta (strict, as the reference code). Returns [len(rows), P].
+
+    Layers whose sums of two classes fit `_MASK_BLOCK_BYTES` take blocks of classes
+    at once, every output row, the irrelevant rows' r_hat masked off (the same
+    counts); larger layers take one class at a time, its relevant rows only
+    (`_relevance_counts`; layers read through one tap a block of rows at a time),
+    so that memory stays about one block beyond the sums."""
     q, pg = r_sum.shape
-    if not bool(out_mask.any()):
-        return torch.zeros(groups * pg, dtype=torch.bool)
-    if isinstance(r_sum, torch.Tensor):
-        rows, step = r_sum.__getitem__, q
+    live = out_masks.any(1)
+    t = torch.zeros(rows.numel(), groups * pg, dtype=torch.float64)
+    step = _MASK_BLOCK_BYTES // (8 * q * pg)
+    if step > 1:
+        live_rows = torch.nonzero(live).flatten()
+        for i in range(0, live_rows.numel(), step):
+            which = live_rows[i : i + step]
+            r_hat = _row_relevance(r_sum.classes(rows[which]), alpha)
+            r_hat &= out_masks[which, :, None]
+            counts = r_hat.view(-1, groups, q // groups, pg).sum(2)  # integers, exact
+            t[which] = counts.view(-1, groups * pg).to(torch.float64)
     else:
-        rows, step = r_sum, max(1, _MASK_BLOCK_BYTES // (8 * pg))
-    t = _relevance_counts(rows, q, pg, out_mask, alpha, groups, step)
-    return _minmax(t[None], 1)[0] > beta
-
-
-class _LinearSums:
-    """The [Q, P / groups] class sums of a layer read through one tap (`single_tap`;
-    `weight`: that tap's), formed a block of rows at a time."""
-
-    def __init__(self, sums, layer: str, row: int, weight: torch.Tensor, groups: int):
-        self.sums, self.layer, self.row, self.weight = sums, layer, row, weight
-        self.groups = groups
-        self.shape = tuple(weight.shape)
-
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        return linear_class_sums(self.sums, self.layer, self.row, self.weight, index, self.groups)
+        step = q if r_sum.dense is not None else max(1, _MASK_BLOCK_BYTES // (8 * pg))
+        for i in torch.nonzero(live).flatten().tolist():
+            row = r_sum.row(int(rows[i]))
+            t[i] = _relevance_counts(row, q, pg, out_masks[i], alpha, groups, step)
+    return (_minmax(t, 1) > beta) & live[:, None]
 
 
 def _row(sums: dict[str, torch.Tensor], c: int) -> int:
@@ -503,32 +537,33 @@ def masks_from_sums(
     model: SourceModel, sums: dict[str, torch.Tensor], classes: list[int], alpha: dict, beta: dict
 ) -> dict[int, dict[str, torch.Tensor]]:
     """The masks of `classes` from `contribution_sums` (or `add_sums` of several).
-    Also takes dense sums {layer: [num_model_classes, Q, P / groups]} (row = class)."""
+    Also takes dense sums {layer: [num_model_classes, Q, P / groups]} (row = class).
+    One backward walk carries every class's mask (`backward_masks`)."""
     graph = model.graph
-    refs_of = tensor_refs(graph)
-    signed = {n.layer: _signed_weight(model, n) for n in graph.layers()}
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for c in classes:
-        row = _row(sums, c)
+    if not classes:
+        return {}
+    rows = torch.tensor([_row(sums, c) for c in classes], dtype=torch.long)
 
-        def rule(node, m, row=row):
-            kind = "conv" if is_conv_like(graph, node) else "linear"
-            groups = _groups(node)
-            if node.layer in sums:
-                r = sums[node.layer][row]
-            else:
-                r = _LinearSums(sums, node.layer, row, signed[node.layer], groups)
-            return mda_layer_rule(r, m, alpha[kind], beta[kind], groups)
+    def rule(node, m):
+        kind = "conv" if is_conv_like(graph, node) else "linear"
+        groups = _groups(node)
+        weight = None if node.layer in sums else _signed_weight(model, node)
+        r = _LayerSums(sums, node.layer, weight, groups)
+        return mda_layer_rule(r, rows, m, alpha[kind], beta[kind], groups)
 
-        one_hot = torch.zeros(graph.num_outputs, dtype=torch.bool)
-        one_hot[c] = True
-        demands = backward_masks(graph, one_hot, rule, refs_of)
-        out[c] = {
-            n.layer: demands.get(
-                n.layer, torch.zeros(graph.node(n.args[0].name).channels, dtype=torch.bool)
+    one_hot = torch.zeros(len(classes), graph.num_outputs, dtype=torch.bool)
+    one_hot[torch.arange(len(classes)), torch.tensor(classes)] = True
+    demands = backward_masks(graph, one_hot, rule)
+    out: dict[int, dict[str, torch.Tensor]] = {c: {} for c in classes}
+    for n in graph.layers():
+        m = demands.get(n.layer)
+        for i, c in enumerate(classes):
+            # A copy per class: a class's masks are saved and changed on their own.
+            out[c][n.layer] = (
+                m[i].clone()
+                if m is not None
+                else torch.zeros(graph.node(n.args[0].name).channels, dtype=torch.bool)
             )
-            for n in graph.layers()
-        }
     return out
 
 
