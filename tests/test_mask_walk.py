@@ -14,7 +14,7 @@ import torchvision.models as tvm
 from test_locate_memory import Mixed
 
 from lego_core import CIFAR10_SPEC, ImageFolderData, source_from_module
-from lego_core.channels import backward_masks
+from lego_core.channels import is_depthwise
 from lego_core.locate import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -49,6 +49,46 @@ def one_class_rule(r: torch.Tensor, out_mask: torch.Tensor, alpha, beta, groups)
     return minmax_above(t[None], beta)[0]
 
 
+def one_class_walk(graph, c: int, rule) -> dict[str, torch.Tensor]:
+    """Relevance of class c from its one-hot output back to every located layer's
+    input, one [channels] mask per value (docs/architecture.md)."""
+    masks = {graph.output_name: torch.zeros(graph.num_outputs, dtype=torch.bool)}
+    masks[graph.output_name][c] = True
+    demands = {}
+
+    def give(value, m):
+        node = graph.node(value)
+        if node.shape is None:
+            return
+        if m.numel() != node.channels:  # broadcast operand
+            m = m.any().expand(node.channels)
+        masks[value] = masks[value] | m if value in masks else m.clone()
+
+    for node in reversed(graph.nodes):
+        m = masks.get(node.name)
+        if m is None or node.kind in ("input", "scalar"):
+            continue
+        refs = [r for r in node.refs() if graph.node(r).shape is not None]
+        if node.kind in ("conv", "linear"):
+            demands[node.layer] = m.clone() if is_depthwise(node, graph) else rule(node, m)
+            give(node.args[0].name, demands[node.layer])
+        elif node.kind in ("bn", "pass", "getitem", "permute"):
+            give(refs[0], m)
+        elif node.kind == "tie":
+            give(refs[0], m)
+            give(refs[1], m)
+        elif node.kind == "cat":
+            parts = [graph.node(p.name) for p in node.args[0]]
+            for p, part in zip(parts, m.split([p.channels for p in parts]), strict=True):
+                give(p.name, part)
+        elif node.kind == "flatten":
+            give(refs[0], m.view(graph.node(refs[0]).channels, -1).any(1))
+        else:  # opaque
+            for r in refs:
+                give(r, torch.ones(graph.node(r).channels, dtype=torch.bool))
+    return demands
+
+
 def one_class_at_a_time(model, sums, classes):
     graph = model.graph
     out = {}
@@ -58,12 +98,9 @@ def one_class_at_a_time(model, sums, classes):
             kind = "conv" if is_conv_like(graph, node) else "linear"
             groups = node.conv_options()[3] if node.kind == "conv" else 1
             r = layer_sums(model, sums, c, node.layer)
-            return one_class_rule(r, m[0], DEFAULT_ALPHA[kind], DEFAULT_BETA[kind], groups)[None]
+            return one_class_rule(r, m, DEFAULT_ALPHA[kind], DEFAULT_BETA[kind], groups)
 
-        one_hot = torch.zeros(1, graph.num_outputs, dtype=torch.bool)
-        one_hot[0, c] = True
-        demands = backward_masks(graph, one_hot, rule)
-        out[c] = {layer: m[0] for layer, m in demands.items()}
+        out[c] = one_class_walk(graph, c, rule)
     return out
 
 
