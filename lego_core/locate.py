@@ -399,13 +399,12 @@ def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`_minmax(x, -1) > alpha` with the same arithmetic, overwriting `x` (a scratch
-    block of rows, [..., P / groups]): the row extremes, in-place shift and scale,
-    and the constant rows' 0/1 only where there are any. The mask phase of layers
-    with millions of weights runs through here once per class."""
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # (aminmax is slower)
+    """`_minmax(x, 1) > alpha` with the same arithmetic, overwriting `x` (a scratch
+    block): the row extremes, in-place shift and scale, and the constant rows' 0/1
+    only where there are any. The mask phase runs through here block by block."""
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # (aminmax over a dim is slower)
     span = hi - lo
-    constant = ~(span > 0)[..., 0]
+    constant = ~(span > 0).flatten()
     any_constant = bool(constant.any())
     if any_constant:
         constant_rows = (x[constant] > 0).to(x.dtype) > alpha
@@ -415,49 +414,23 @@ def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def _relevance_counts(rows, q: int, pg: int, out_mask, alpha: float, groups: int, step: int):
-    """t_p of MDA section 3: for each input p, the number of relevant outputs for
-    which p is relevant. `rows(index)` gives a new [len(index), P / groups] tensor
-    of the sums of those output rows (it is overwritten); only relevant rows are
-    asked for, `step` at a time. Counts are integers, so summing them as integers
-    gives the float64 values exactly."""
-    relevant = torch.nonzero(out_mask).flatten()
-    t = torch.zeros(groups, pg, dtype=torch.long)
-    qg = q // groups
-    for i in range(0, relevant.numel(), step):
-        index = relevant[i : i + step]
-        r_hat = _row_relevance(rows(index), alpha)
-        if groups == 1:
-            t[0] += r_hat.sum(0)
-        else:
-            t.index_add_(0, torch.div(index, qg, rounding_mode="floor"), r_hat.long())
-    return t.reshape(groups * pg).to(torch.float64)
-
-
 class _LayerSums:
-    """The [Q, P / groups] clamped-contribution sums R_c of one layer, for given rows
-    of the class sums: dense sums as they are; a layer read through one tap
-    (`single_tap`; `weight`: that tap's) has them formed from its sums of x+ and x-.
-    Every call gives a new tensor (the mask rule overwrites it)."""
+    """The clamped-contribution sums R_c[q, :] of one layer for output rows q of one
+    or several sums rows (classes): dense sums as they are; a layer read through one tap
+    (`single_tap`; `weight`: that tap's [Q, P / groups]) has them formed from its
+    sums of x+ and x-."""
 
     def __init__(self, sums, layer: str, weight: torch.Tensor | None, groups: int):
         self.sums, self.layer, self.weight, self.groups = sums, layer, weight, groups
         self.dense = sums.get(layer)
         self.shape = tuple(weight.shape) if self.dense is None else tuple(self.dense.shape[1:])
 
-    def classes(self, rows: torch.Tensor) -> torch.Tensor:
-        """[len(rows), Q, P / groups]: every output row of the sums rows `rows`."""
+    def __call__(self, row: int | torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """A new [len(outputs), P / groups] tensor (the mask rule overwrites it): the
+        sums row `row`'s, or each output's own sums row (`row` a tensor)."""
         if self.dense is not None:
-            return self.dense.index_select(0, rows)
-        return linear_class_sums(self.sums, self.layer, rows, self.weight, groups=self.groups)
-
-    def row(self, row: int):
-        """`index -> [len(index), P / groups]`: output rows `index` of sums row `row`."""
-        if self.dense is not None:
-            return self.dense[row].__getitem__
-        return lambda index: linear_class_sums(
-            self.sums, self.layer, row, self.weight, index, self.groups
-        )
+            return self.dense[row, outputs]
+        return linear_class_sums(self.sums, self.layer, row, self.weight, outputs, self.groups)
 
 
 def mda_layer_rule(
@@ -477,29 +450,33 @@ def mda_layer_rule(
     number of relevant outputs for which p is relevant, min-max over p, input mask
     = t > beta (strict, as the reference code). Returns [len(rows), P].
 
-    Layers whose sums of two classes fit `_MASK_BLOCK_BYTES` take blocks of classes
-    at once, every output row, the irrelevant rows' r_hat masked off (the same
-    counts); larger layers take one class at a time, its relevant rows only
-    (`_relevance_counts`; layers read through one tap a block of rows at a time),
-    so that memory stays about one block beyond the sums."""
+    Only the relevant (class, output) pairs are formed, many classes' at once, in
+    blocks of `_MASK_BLOCK_BYTES`; classes are taken so many at a time that their
+    counts fit a block too. So the scratch memory stays a few blocks whatever the
+    number of classes or the layer's size. Counts are integers, so summing them as
+    integers gives the float64 values exactly."""
     q, pg = r_sum.shape
-    live = out_masks.any(1)
-    t = torch.zeros(rows.numel(), groups * pg, dtype=torch.float64)
-    step = _MASK_BLOCK_BYTES // (8 * q * pg)
-    if step > 1:
-        live_rows = torch.nonzero(live).flatten()
-        for i in range(0, live_rows.numel(), step):
-            which = live_rows[i : i + step]
-            r_hat = _row_relevance(r_sum.classes(rows[which]), alpha)
-            r_hat &= out_masks[which, :, None]
-            counts = r_hat.view(-1, groups, q // groups, pg).sum(2)  # integers, exact
-            t[which] = counts.view(-1, groups * pg).to(torch.float64)
-    else:
-        step = q if r_sum.dense is not None else max(1, _MASK_BLOCK_BYTES // (8 * pg))
-        for i in torch.nonzero(live).flatten().tolist():
-            row = r_sum.row(int(rows[i]))
-            t[i] = _relevance_counts(row, q, pg, out_masks[i], alpha, groups, step)
-    return (_minmax(t, 1) > beta) & live[:, None]
+    qg = q // groups
+    out = torch.zeros(rows.numel(), groups * pg, dtype=torch.bool)
+    step = max(1, _MASK_BLOCK_BYTES // (8 * pg))
+    per_block = max(1, _MASK_BLOCK_BYTES // (8 * groups * pg))
+    for a in range(0, rows.numel(), per_block):
+        masks = out_masks[a : a + per_block]
+        cls, outputs = torch.nonzero(masks, as_tuple=True)
+        counts = torch.zeros(masks.shape[0] * groups, pg, dtype=torch.long)
+        for i in range(0, cls.numel(), step):
+            c, o = cls[i : i + step], outputs[i : i + step]
+            first = int(c[0])
+            one = first == int(c[-1])  # a block of one class (large layers; pairs in class order)
+            r_hat = _row_relevance(r_sum(int(rows[a + first]) if one else rows[a + c], o), alpha)
+            if one and groups == 1:
+                counts[first] += r_hat.sum(0)  # (faster than index_add_ of longs)
+            else:
+                target = c * groups + torch.div(o, qg, rounding_mode="floor")
+                counts.index_add_(0, target, r_hat.long())
+        t = counts.view(masks.shape[0], groups * pg).to(torch.float64)
+        out[a : a + per_block] = (_minmax(t, 1) > beta) & masks.any(1, keepdim=True)
+    return out
 
 
 def _row(sums: dict[str, torch.Tensor], c: int) -> int:

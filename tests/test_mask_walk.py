@@ -130,8 +130,9 @@ def located(request):
     return model, sums, classes, one_class_at_a_time(model, sums, classes)
 
 
-# The default blocks, blocks that hold some layers' classes only, and one class of
-# every layer at a time (one row at a time for layers read through one tap).
+# The default blocks (every class of a small layer in one block), blocks that mix
+# several classes' rows in some layers and one class's in others, and one
+# (class, output) pair a block.
 @pytest.mark.parametrize("block_bytes", [None, 8 << 10, 1])
 def test_one_walk_for_all_classes_gives_each_class_its_own_masks(located, block_bytes, monkeypatch):
     model, sums, classes, expected = located
