@@ -177,31 +177,33 @@ def tensor_refs(graph: LegoGraph) -> dict[str, list[str]]:
 
 def backward_masks(
     graph: LegoGraph,
-    output_mask: torch.Tensor,
+    output_masks: torch.Tensor,
     layer_rule,
-    refs_of: dict[str, list[str]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Propagates relevance from the output back through the graph.
+    """Propagates relevance from the output back through the graph, for several
+    output masks at once: `output_masks` is [K, outputs] bool, one row per walk
+    (per class), and every mask below is [K, channels].
 
-    `layer_rule(node, out_mask) -> in_mask` decides, for a located layer, which
-    of its inputs matter given which of its outputs matter (MDA's rule). Every
-    other op routes masks by its channel semantics. Returns the mask each
-    located layer demands of its input, keyed by layer name. `refs_of`:
-    `tensor_refs(graph)`, for callers that walk the same graph once per class
-    (on small models the walk costs more than the masks).
-    """
-    if refs_of is None:
-        refs_of = tensor_refs(graph)
-    masks: dict[str, torch.Tensor] = {graph.output_name: output_mask.clone()}
+    `layer_rule(node, out_masks) -> in_masks` decides, for a located layer, which
+    of its inputs matter given which of its outputs matter (MDA's rule), for all K
+    rows. Every other op routes masks by its channel semantics, row by row. Returns
+    the [K, inputs] masks each located layer demands of its input, keyed by layer
+    name. One walk for all classes: on models of many small layers the per-op
+    Python work of a walk costs more than the masks."""
+    refs_of = tensor_refs(graph)
+    rows = output_masks.shape[0]
+    masks: dict[str, torch.Tensor] = {graph.output_name: output_masks.clone()}
     demands: dict[str, torch.Tensor] = {}
 
     def give(value: str, m: torch.Tensor) -> None:
         node = graph.node(value)
         if node.shape is None:
             return
-        if m.numel() != node.channels:  # broadcast operand (e.g. [B, 1, H, W])
-            m = m.any().expand(node.channels)
-        masks[value] = masks[value] | m if value in masks else m.clone()
+        if m.shape[1] != node.channels:  # broadcast operand (e.g. [B, 1, H, W])
+            m = m.any(1, keepdim=True).expand(rows, node.channels)
+        masks[value] = (
+            masks[value] | m if value in masks else m.clone(memory_format=torch.contiguous_format)
+        )
 
     for node in reversed(graph.nodes):
         m = masks.get(node.name)
@@ -221,14 +223,14 @@ def backward_masks(
             offset = 0
             for p in node.args[0]:
                 c = graph.node(p.name).channels
-                give(p.name, m[offset : offset + c])
+                give(p.name, m[:, offset : offset + c])
                 offset += c
         elif node.kind == "flatten":
             src = graph.node(refs[0])
-            give(refs[0], m.view(src.channels, -1).any(1))
+            give(refs[0], m.reshape(rows, src.channels, -1).any(2))
         else:  # opaque: every input channel may matter
             for r in refs:
-                give(r, torch.ones(graph.node(r).channels, dtype=torch.bool))
+                give(r, torch.ones(rows, graph.node(r).channels, dtype=torch.bool))
     return demands
 
 

@@ -292,24 +292,31 @@ class ContributionAccumulator:
 
 
 def linear_class_sums(
-    sums: dict[str, torch.Tensor], layer: str, row: int, weight, rows=None, groups: int = 1
+    sums: dict[str, torch.Tensor], layer: str, row, weight, rows=None, groups: int = 1
 ):
     """The [Q, P / groups] (or [len(rows), P / groups]) clamped-contribution sums of a
     layer read through a single tap (`single_tap`; `weight`: that tap's
     [Q, P / groups], `tap_weight`) for one row of `sums`, from its sums of x+ and
-    x-: w+ * sum(x+) + w- * sum(x-). A new tensor."""
+    x-: w+ * sum(x+) + w- * sum(x-). `row` may also be a tensor of one row of `sums`
+    per output row in `rows` (pairs: several classes' rows at once). A new tensor."""
     w = weight
     q = w.shape[0]
     if rows is not None:
         w = w.index_select(0, rows)
     w = w.to(torch.float64, copy=w is weight)  # a new tensor: it is clamped in place
-    pos, neg = sums[layer + POS][row], sums[layer + NEG][row]
+    pos, neg = sums[layer + POS][row], sums[layer + NEG][row]  # [P], or [len(rows), P]
     if groups == 1:
-        pos, neg = pos[None, :], neg[None, :]
+        if pos.dim() == 1:
+            pos, neg = pos[None, :], neg[None, :]
     else:  # output q reads its own group's inputs
         group = torch.arange(q) if rows is None else rows
         group = torch.div(group, q // groups, rounding_mode="floor")
-        pos, neg = pos.view(groups, -1)[group], neg.view(groups, -1)[group]
+        if pos.dim() == 1:
+            pos, neg = pos.view(groups, -1)[group], neg.view(groups, -1)[group]
+        else:
+            pair = torch.arange(group.numel())
+            pos = pos.view(pos.shape[0], groups, -1)[pair, group]
+            neg = neg.view(neg.shape[0], groups, -1)[pair, group]
     # In place, block by block (torch.where over broadcast rows is several times slower).
     out = w.clamp(min=0).mul_(pos)
     return out.add_(w.clamp_(max=0).mul_(neg))

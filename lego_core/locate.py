@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lego_core.channels import backward_masks, is_depthwise, tensor_refs
+from lego_core.channels import backward_masks, is_depthwise
 from lego_core.contributions import (
     CLASSES_KEY,
     ContributionAccumulator,
@@ -400,9 +400,8 @@ def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """`_minmax(x, 1) > alpha` with the same arithmetic, overwriting `x` (a scratch
-    block): the row extremes, in-place shift and scale, and the
-    constant rows' 0/1 only where there are any. The mask phase of layers with
-    millions of weights runs through here once per class."""
+    block): the row extremes, in-place shift and scale, and the constant rows' 0/1
+    only where there are any. The mask phase runs through here block by block."""
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # (aminmax over a dim is slower)
     span = hi - lo
     constant = ~(span > 0).flatten()
@@ -415,57 +414,69 @@ def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def _relevance_counts(rows, q: int, pg: int, out_mask, alpha: float, groups: int, step: int):
-    """t_p of MDA section 3: for each input p, the number of relevant outputs for
-    which p is relevant. `rows(index)` gives a new [len(index), P / groups] tensor
-    of the sums of those output rows (it is overwritten); only relevant rows are
-    asked for, `step` at a time. Counts are integers, so summing them as integers
-    gives the float64 values exactly."""
-    relevant = torch.nonzero(out_mask).flatten()
-    t = torch.zeros(groups, pg, dtype=torch.long)
-    qg = q // groups
-    for i in range(0, relevant.numel(), step):
-        index = relevant[i : i + step]
-        r_hat = _row_relevance(rows(index), alpha)
-        if groups == 1:
-            t[0] += r_hat.sum(0)
-        else:
-            t.index_add_(0, torch.div(index, qg, rounding_mode="floor"), r_hat.long())
-    return t.reshape(groups * pg).to(torch.float64)
+class _LayerSums:
+    """The clamped-contribution sums R_c[q, :] of one layer for output rows q of one
+    or several sums rows (classes): dense sums as they are; a layer read through one tap
+    (`single_tap`; `weight`: that tap's [Q, P / groups]) has them formed from its
+    sums of x+ and x-."""
+
+    def __init__(self, sums, layer: str, weight: torch.Tensor | None, groups: int):
+        self.sums, self.layer, self.weight, self.groups = sums, layer, weight, groups
+        self.dense = sums.get(layer)
+        self.shape = tuple(weight.shape) if self.dense is None else tuple(self.dense.shape[1:])
+
+    def __call__(self, row: int | torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """A new [len(outputs), P / groups] tensor (the mask rule overwrites it): the
+        sums row `row`'s, or each output's own sums row (`row` a tensor)."""
+        if self.dense is not None:
+            return self.dense[row, outputs]
+        return linear_class_sums(self.sums, self.layer, row, self.weight, outputs, self.groups)
 
 
 def mda_layer_rule(
-    r_sum: torch.Tensor, out_mask: torch.Tensor, alpha: float, beta: float, groups: int
-):
-    """MDA section 3 for one layer: which inputs matter, given relevant outputs.
+    r_sum: _LayerSums,
+    rows: torch.Tensor,
+    out_masks: torch.Tensor,
+    alpha: float,
+    beta: float,
+    groups: int,
+) -> torch.Tensor:
+    """MDA section 3 for one layer and several classes: which inputs matter to each
+    class, given its relevant outputs.
 
-    r_sum: [Q, P / groups] contributions (or a function of output row indices
-    giving those rows, with `shape`). Row-wise min-max over the inputs each output
-    sees, r_hat = r > alpha, t_p = number of relevant outputs for which p is
-    relevant, min-max over p, input mask = t > beta (strict, as the reference
-    code)."""
+    r_sum: the layer's [Q, P / groups] contributions of the sums rows `rows` (one a
+    class); out_masks: [len(rows), Q] each class's relevant outputs. Per class:
+    row-wise min-max over the inputs each output sees, r_hat = r > alpha, t_p =
+    number of relevant outputs for which p is relevant, min-max over p, input mask
+    = t > beta (strict, as the reference code). Returns [len(rows), P].
+
+    Only the relevant (class, output) pairs are formed, many classes' at once, in
+    blocks of `_MASK_BLOCK_BYTES`; classes are taken so many at a time that their
+    counts fit a block too. So the scratch memory stays a few blocks whatever the
+    number of classes or the layer's size. Counts are integers, so summing them as
+    integers gives the float64 values exactly."""
     q, pg = r_sum.shape
-    if not bool(out_mask.any()):
-        return torch.zeros(groups * pg, dtype=torch.bool)
-    if isinstance(r_sum, torch.Tensor):
-        rows, step = r_sum.__getitem__, q
-    else:
-        rows, step = r_sum, max(1, _MASK_BLOCK_BYTES // (8 * pg))
-    t = _relevance_counts(rows, q, pg, out_mask, alpha, groups, step)
-    return _minmax(t[None], 1)[0] > beta
-
-
-class _LinearSums:
-    """The [Q, P / groups] class sums of a layer read through one tap (`single_tap`;
-    `weight`: that tap's), formed a block of rows at a time."""
-
-    def __init__(self, sums, layer: str, row: int, weight: torch.Tensor, groups: int):
-        self.sums, self.layer, self.row, self.weight = sums, layer, row, weight
-        self.groups = groups
-        self.shape = tuple(weight.shape)
-
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        return linear_class_sums(self.sums, self.layer, self.row, self.weight, index, self.groups)
+    qg = q // groups
+    out = torch.zeros(rows.numel(), groups * pg, dtype=torch.bool)
+    step = max(1, _MASK_BLOCK_BYTES // (8 * pg))
+    per_block = max(1, _MASK_BLOCK_BYTES // (8 * groups * pg))
+    for a in range(0, rows.numel(), per_block):
+        masks = out_masks[a : a + per_block]
+        cls, outputs = torch.nonzero(masks, as_tuple=True)
+        counts = torch.zeros(masks.shape[0] * groups, pg, dtype=torch.long)
+        for i in range(0, cls.numel(), step):
+            c, o = cls[i : i + step], outputs[i : i + step]
+            first = int(c[0])
+            one = first == int(c[-1])  # a block of one class (large layers; pairs in class order)
+            r_hat = _row_relevance(r_sum(int(rows[a + first]) if one else rows[a + c], o), alpha)
+            if one and groups == 1:
+                counts[first] += r_hat.sum(0)  # (faster than index_add_ of longs)
+            else:
+                target = c * groups + torch.div(o, qg, rounding_mode="floor")
+                counts.index_add_(0, target, r_hat.long())
+        t = counts.view(masks.shape[0], groups * pg).to(torch.float64)
+        out[a : a + per_block] = (_minmax(t, 1) > beta) & masks.any(1, keepdim=True)
+    return out
 
 
 def _row(sums: dict[str, torch.Tensor], c: int) -> int:
@@ -503,32 +514,33 @@ def masks_from_sums(
     model: SourceModel, sums: dict[str, torch.Tensor], classes: list[int], alpha: dict, beta: dict
 ) -> dict[int, dict[str, torch.Tensor]]:
     """The masks of `classes` from `contribution_sums` (or `add_sums` of several).
-    Also takes dense sums {layer: [num_model_classes, Q, P / groups]} (row = class)."""
+    Also takes dense sums {layer: [num_model_classes, Q, P / groups]} (row = class).
+    One backward walk carries every class's mask (`backward_masks`)."""
     graph = model.graph
-    refs_of = tensor_refs(graph)
-    signed = {n.layer: _signed_weight(model, n) for n in graph.layers()}
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for c in classes:
-        row = _row(sums, c)
+    if not classes:
+        return {}
+    rows = torch.tensor([_row(sums, c) for c in classes], dtype=torch.long)
 
-        def rule(node, m, row=row):
-            kind = "conv" if is_conv_like(graph, node) else "linear"
-            groups = _groups(node)
-            if node.layer in sums:
-                r = sums[node.layer][row]
-            else:
-                r = _LinearSums(sums, node.layer, row, signed[node.layer], groups)
-            return mda_layer_rule(r, m, alpha[kind], beta[kind], groups)
+    def rule(node, m):
+        kind = "conv" if is_conv_like(graph, node) else "linear"
+        groups = _groups(node)
+        weight = None if node.layer in sums else _signed_weight(model, node)
+        r = _LayerSums(sums, node.layer, weight, groups)
+        return mda_layer_rule(r, rows, m, alpha[kind], beta[kind], groups)
 
-        one_hot = torch.zeros(graph.num_outputs, dtype=torch.bool)
-        one_hot[c] = True
-        demands = backward_masks(graph, one_hot, rule, refs_of)
-        out[c] = {
-            n.layer: demands.get(
-                n.layer, torch.zeros(graph.node(n.args[0].name).channels, dtype=torch.bool)
+    one_hot = torch.zeros(len(classes), graph.num_outputs, dtype=torch.bool)
+    one_hot[torch.arange(len(classes)), torch.tensor(classes)] = True
+    demands = backward_masks(graph, one_hot, rule)
+    out: dict[int, dict[str, torch.Tensor]] = {c: {} for c in classes}
+    for n in graph.layers():
+        m = demands.get(n.layer)
+        for i, c in enumerate(classes):
+            # A copy per class: a class's masks are saved and changed on their own.
+            out[c][n.layer] = (
+                m[i].clone()
+                if m is not None
+                else torch.zeros(graph.node(n.args[0].name).channels, dtype=torch.bool)
             )
-            for n in graph.layers()
-        }
     return out
 
 
