@@ -499,11 +499,10 @@ def is_conv_like(graph, node) -> bool:
 def layer_sums(model: SourceModel, sums: dict[str, torch.Tensor], c: int, layer: str):
     """The [Q, P / groups] clamped-contribution sums R_c of one layer for class c
     (a layer read through one tap has them formed from its sums of x+ and x-)."""
-    row = _row(sums, c)
-    if layer in sums:
-        return sums[layer][row]
     node = next(n for n in model.graph.layers() if n.layer == layer)
-    return linear_class_sums(sums, layer, row, _signed_weight(model, node), groups=_groups(node))
+    weight = None if layer in sums else _signed_weight(model, node)
+    r_sum = _LayerSums(sums, layer, weight, _groups(node))
+    return r_sum(_row(sums, c), torch.arange(r_sum.shape[0]))
 
 
 def _groups(node) -> int:
