@@ -224,8 +224,15 @@ def max_pool2d_values(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mod
     return (out.contiguous(),)
 
 
-_PASS_TARGETS.add(max_pool2d_values)
-_SPATIAL_TARGETS.add(max_pool2d_values)
+def max_pool2d_fast(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    """aten.max_pool2d, computed as `max_pool2d_values` (ATen's CPU kernel takes about
+    a sixth of resnet18's forward pass at 32 px; the maxima take under a quarter of
+    its time)."""
+    return max_pool2d_values(x, kernel_size, stride, padding, dilation, ceil_mode)[0]
+
+
+_PASS_TARGETS.update((max_pool2d_values, max_pool2d_fast))
+_SPATIAL_TARGETS.update((max_pool2d_values, max_pool2d_fast))
 
 
 def _ints(v) -> tuple[int, ...]:
@@ -508,6 +515,8 @@ def capture(program: torch.export.ExportedProgram | nn.Module, example: torch.Te
                 u.target is operator.getitem and u.args[1] == 0 for u in fx.users
             ):
                 target = max_pool2d_values  # nobody reads the indices
+            elif target is aten.max_pool2d.default:
+                target = max_pool2d_fast
             args = _inference_args(target, args)
             node = Node(fx.name, "pending", target, args, kwargs)
             nodes.append(node)
