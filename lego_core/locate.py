@@ -236,6 +236,10 @@ DEFAULT_MEMORY_BUDGET = 2 << 30
 # for its mask: small enough that the ~10 passes over it (form, extremes, scale,
 # threshold, count) stay in a core's L2 cache; 64 MiB blocks took 4x longer.
 _MASK_BLOCK_BYTES = 2 << 20
+# A block's pairs are taken one class at a time when its runs of one class average
+# at least this many sums (below that, the Python steps per run cost more than
+# the per-pair gathers they save).
+_MIN_RUN_ELEMENTS = 1 << 14
 
 
 def sample_order(selected: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,12 +470,21 @@ def mda_layer_rule(
         counts = torch.zeros(masks.shape[0] * groups, pg, dtype=torch.long)
         for i in range(0, cls.numel(), step):
             c, o = cls[i : i + step], outputs[i : i + step]
-            first = int(c[0])
-            one = first == int(c[-1])  # a block of one class (large layers; pairs in class order)
-            r_hat = _row_relevance(r_sum(int(rows[a + first]) if one else rows[a + c], o), alpha)
-            if one and groups == 1:
-                counts[first] += r_hat.sum(0)  # (faster than index_add_ of longs)
+            # Pairs come in class order. Long runs of one class are taken a run at
+            # a time (its sums row broadcasts; no per-pair gathers), many short runs
+            # all at once (one gather each instead of a Python step per class).
+            run_classes, run_lengths = torch.unique_consecutive(c, return_counts=True)
+            if run_classes.numel() * _MIN_RUN_ELEMENTS <= c.numel() * pg:
+                runs = zip(run_classes.tolist(), torch.split(o, run_lengths.tolist()), strict=True)
+                for k, o_run in runs:
+                    r_hat = _row_relevance(r_sum(int(rows[a + k]), o_run), alpha)
+                    if groups == 1:
+                        counts[k] += r_hat.sum(0)  # (faster than index_add_ of longs)
+                    else:
+                        target = k * groups + torch.div(o_run, qg, rounding_mode="floor")
+                        counts.index_add_(0, target, r_hat.long())
             else:
+                r_hat = _row_relevance(r_sum(rows[a + c], o), alpha)
                 target = c * groups + torch.div(o, qg, rounding_mode="floor")
                 counts.index_add_(0, target, r_hat.long())
         t = counts.view(masks.shape[0], groups * pg).to(torch.float64)

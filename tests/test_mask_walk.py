@@ -132,12 +132,17 @@ def located(request):
 
 # The default blocks (every class of a small layer in one block), blocks that mix
 # several classes' rows in some layers and one class's in others, and one
-# (class, output) pair a block.
+# (class, output) pair a block; each with a block's classes taken all at once
+# (per-pair gathers) and one class at a time.
 @pytest.mark.parametrize("block_bytes", [None, 8 << 10, 1])
-def test_one_walk_for_all_classes_gives_each_class_its_own_masks(located, block_bytes, monkeypatch):
+@pytest.mark.parametrize("run_elements", [1 << 62, 1])
+def test_one_walk_for_all_classes_gives_each_class_its_own_masks(
+    located, block_bytes, run_elements, monkeypatch
+):
     model, sums, classes, expected = located
     if block_bytes is not None:
         monkeypatch.setattr(locate_module, "_MASK_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(locate_module, "_MIN_RUN_ELEMENTS", run_elements)
     masks = masks_from_sums(model, sums, classes, DEFAULT_ALPHA, DEFAULT_BETA)
     assert sorted(masks) == classes
     for c in classes:
