@@ -332,6 +332,8 @@ def test_mean_compensation_keeps_the_mean_logits_through_affine_layers():
         ((2, 3, 11, 9), 3, 1, 1, 1),
         ((2, 3, 12, 12), 3, 2, 1, 2),
         ((2, 3, 7, 7), 2, None, 0, 1),  # stride defaults to the kernel
+        ((2, 3, 9, 9), 1, 2, 0, 1),  # one tap: the result must not be a view of x
+        ((2, 3, 5, 6), 3, 3, 1, 1),  # the border taps read inside x for some outputs only
     ],
 )
 def test_captured_max_pool_values_equal_torch(shape, kernel, stride, padding, dilation):
@@ -340,8 +342,11 @@ def test_captured_max_pool_values_equal_torch(shape, kernel, stride, padding, di
     x = torch.randn(shape)
     x[0, 0, 0, :3] = float("nan")  # NaN propagates as in max pooling
     expected = F.max_pool2d(x, kernel, stride, padding, dilation)
+    before = x.clone()
     (got,) = max_pool2d_values(
         x, [kernel] * 2, [stride] * 2 if stride else [], [padding] * 2, [dilation] * 2
     )
     assert torch.equal(got.isnan(), expected.isnan())
     assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+    got.fill_(0.0)  # the result is its own tensor: x is unchanged, now and after
+    assert torch.equal(x.nan_to_num(), before.nan_to_num())
