@@ -216,7 +216,6 @@ def test_zoo_capture_components_and_export(arch, way, trained, captured, separab
 
 # Known failures, kept visible: strict, so a fix turns them into failures to update.
 BELOW_HALF_MARGIN = {
-    "mobilenet_v2": "its component falls to 0.38 against a source at 1.00 (issue 11, open)",
     "shufflenet_v2_x0_5": "split and shuffle are opaque to the graph, so only the narrow "
     "hidden layers are pruned and their losses add up: 0.54 against 1.00 (issue 11, open; "
     "python -m experiments.channel_ablation)",
