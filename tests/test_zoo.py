@@ -61,6 +61,8 @@ ZOO = {
     "regnet_x_400mf": lambda: tvm.regnet_x_400mf(num_classes=10),  # grouped
     "squeezenet1_1": lambda: tvm.squeezenet1_1(num_classes=10),  # fire modules, conv logits
     "convnext": small_convnext,  # layer norm
+    # squeeze-excite with SiLU, stochastic depth, linear bottlenecks
+    "efficientnet_b0": lambda: tvm.efficientnet_b0(num_classes=10),
 }
 WAYS = ("module", "exported", "torchscript")
 
@@ -216,11 +218,14 @@ def test_zoo_capture_components_and_export(arch, way, trained, captured, separab
 
 # Known failures, kept visible: strict, so a fix turns them into failures to update.
 BELOW_HALF_MARGIN = {
-    "mobilenet_v2": "its component falls to 0.38 against a source at 1.00 (issue 11, open)",
     "shufflenet_v2_x0_5": "split and shuffle are opaque to the graph, so only the narrow "
     "hidden layers are pruned and their losses add up: 0.54 against 1.00 (issue 11, open; "
     "python -m experiments.channel_ablation)",
     "squeezenet1_1": "25 steps leave the source untrained on these images (0.33)",
+    "efficientnet_b0": "25 steps leave the source fragile (0.39 on its own images, median "
+    "margin 1.6 among TASK logits of std 38): its component falls to 0.46 against 0.96, and "
+    "one that keeps 95% of the parameters to 0.83; trained 60 steps it still falls to 0.50 "
+    "(issue 11, open; docs/architecture.md)",
 }
 
 
