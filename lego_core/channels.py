@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lego_core.graph import LINEAR_PASS_TARGETS, LINEAR_TIE_TARGETS, LegoGraph, Node, Ref
+from lego_core.graph import LegoGraph, Node, Ref
 
 Layout = list[tuple[int, int]]  # (atom id, factor)
 
@@ -165,46 +165,6 @@ def is_depthwise(node: Node, graph: LegoGraph) -> bool:
     w = graph.tensors[node.weight_key()]
     in_channels = graph.node(node.args[0].name).channels
     return groups > 1 and groups == in_channels == w.shape[0] and w.shape[1] == 1
-
-
-def unrectified_layers(graph: LegoGraph) -> set[str]:
-    """The located layers (not depthwise) whose output every reader takes linearly:
-    each path from it reaches located layers through batch norms, residual adds,
-    depthwise convs, concatenations, average pooling and the like only, never a
-    rectifier (ReLU, ReLU6, SiLU, ...), a gate, an op we do not model or the logits.
-    The projections of linear bottlenecks (MobileNet V2/V3, EfficientNet) are such
-    layers.
-
-    MDA clamps each contribution at zero: an input that lowers an output counts as
-    irrelevant, which is sound where a rectifier follows (it mostly switches the
-    output off). Where nothing rectifies, lowering moves the value the next layers
-    read as much as raising does, so these layers' contributions are counted with
-    both signs (their absolute values). The logits layer keeps MDA's rule."""
-    memo: dict[str, bool] = {}
-
-    def read_linearly(value: str) -> bool:
-        if value in memo:
-            return memo[value]
-        memo[value] = False  # (a graph is acyclic; this only guards the recursion)
-        ok = value != graph.output_name and bool(graph.consumers[value])
-        for name in graph.consumers[value] if ok else ():
-            node = graph.node(name)
-            if node.kind == "scalar":
-                continue  # a size query
-            if node.kind in ("conv", "linear") and not is_depthwise(node, graph):
-                continue  # a located layer reads it: the path ends here
-            linear = (
-                node.kind in ("conv", "bn", "getitem", "permute", "cat", "flatten")
-                or (node.kind == "tie" and node.target in LINEAR_TIE_TARGETS)
-                or (node.kind == "pass" and node.target in LINEAR_PASS_TARGETS)
-            )
-            if not (linear and read_linearly(node.name)):
-                ok = False
-                break
-        memo[value] = ok
-        return ok
-
-    return {n.layer for n in graph.layers() if not is_depthwise(n, graph) and read_linearly(n.name)}
 
 
 def tensor_refs(graph: LegoGraph) -> dict[str, list[str]]:

@@ -9,9 +9,7 @@ where S[p, k] is the sum of the (padded) input channel p over every position
 that kernel tap k visits. S costs one strided window sum per tap; the product
 is a batched matrix multiply of size B x Q x P x K, instead of the reference
 formulation's B x Q x P x H x W partial convolutions. Each sample's s is
-clamped at zero (s <- max(s, 0)) before samples are summed per class; for a layer
-whose output no rectifier follows (`lego_core.channels.unrectified_layers`),
-s <- |s|.
+clamped at zero (s <- max(s, 0)) before samples are summed per class.
 
 For a linear layer s[q, p] = max(w[q, p] * a[p], 0); when the input is
 non-negative (after a ReLU) the sum over samples is max(w, 0) * sum(a). A linear
@@ -117,11 +115,8 @@ def tap_sums(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation
     return taps.reshape(b, p, kh * kw)
 
 
-def conv_contributions(
-    x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, absolute=False
-):
-    """Per-sample clamped contributions of a conv layer (`absolute`: their absolute
-    values instead).
+def conv_contributions(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups):
+    """Per-sample clamped contributions of a conv layer.
 
     Returns [B, Q, P // groups]: for output q, its own group's inputs."""
     q, pg, kh, kw = weight.shape
@@ -134,27 +129,13 @@ def conv_contributions(
         s = s.view(b, groups, pg, kh * kw)
         w = weight.reshape(groups, qg, pg, kh * kw)
         out = torch.einsum("bgpk,gqpk->bgqp", s, w).reshape(b, q, pg)
-    return _clamp_(out, absolute)
-
-
-def _clamp_(x: torch.Tensor, absolute: bool) -> torch.Tensor:
-    """In place: max(x, 0), or |x| for a layer counted with both signs."""
-    return x.abs_() if absolute else x.clamp_(min=0)
+    return out.clamp_(min=0)
 
 
 def conv_class_sums(
-    x: torch.Tensor,
-    weight,
-    stride,
-    padding,
-    dilation,
-    groups,
-    labels,
-    num_classes: int,
-    absolute: bool = False,
+    x: torch.Tensor, weight, stride, padding, dilation, groups, labels, num_classes: int
 ) -> torch.Tensor:
-    """Clamped contributions summed per class: [num_classes, Q, P / groups]
-    (`absolute`: absolute values instead of clamped ones).
+    """Clamped contributions summed per class: [num_classes, Q, P / groups].
 
     Same numbers as summing `conv_contributions` per class. Samples are ordered by
     class, so each class is a contiguous run of rows; the input channels are taken
@@ -183,7 +164,7 @@ def conv_class_sums(
     buffer = torch.empty(min(step, groups * pg), b, qg, dtype=s.dtype, device=s.device)
     for p0 in range(0, groups * pg, step):
         p1 = min(p0 + step, groups * pg)
-        block = _clamp_(torch.bmm(per_input[p0:p1], w[p0:p1], out=buffer[: p1 - p0]), absolute)
+        block = torch.bmm(per_input[p0:p1], w[p0:p1], out=buffer[: p1 - p0]).clamp_(min=0)
         for c, start, n in bounds:
             torch.sum(block[:, start : start + n], 1, out=sums[c, p0:p1])
     # [C, P, Q/groups] -> [C, groups, Q/groups, P/groups] -> [C, Q, P/groups]
@@ -223,10 +204,9 @@ def tap_weight(weight: torch.Tensor, tap: int) -> torch.Tensor:
     return weight if weight.dim() == 2 else weight.flatten(2)[:, :, tap]
 
 
-def linear_contributions(x: torch.Tensor, weight: torch.Tensor, absolute=False) -> torch.Tensor:
-    """Per-sample clamped (`absolute`: absolute) contributions of a linear layer:
-    [B, Q, P]."""
-    return _clamp_(weight[None, :, :] * x[:, None, :], absolute)
+def linear_contributions(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample clamped contributions of a linear layer: [B, Q, P]."""
+    return (weight[None, :, :] * x[:, None, :]).clamp_(min=0)
 
 
 CLASSES_KEY = "#classes"  # the model classes the rows of every sum stand for
@@ -248,16 +228,11 @@ class ContributionAccumulator:
     and `linear_class_sums` forms a class's [Q, P / groups] when its mask is
     computed. This costs B x P per batch instead of B x Q x P.
 
-    `absolute`: the layers whose contributions count with both signs
-    (`lego_core.channels.unrectified_layers`): their conv sums are of |s|; their
-    sums of x+ and x- are the same, `linear_class_sums(absolute=True)` reads them.
-
     `set_batch(labels)` before each forward pass: the model class of each sample
     (all of them in `classes`). `add(node, x, weight)` is the GraphNet hook body."""
 
-    def __init__(self, classes, absolute=()):
+    def __init__(self, classes):
         self.classes = torch.as_tensor(classes, dtype=torch.long).sort().values
-        self.absolute = frozenset(absolute)
         self.sums: dict[str, torch.Tensor] = {}
         self.labels: torch.Tensor | None = None  # rows into `classes`, per sample
 
@@ -309,7 +284,6 @@ class ContributionAccumulator:
                 groups,
                 local[i : i + step],
                 n_local,
-                node.layer in self.absolute,
             )
             self._accumulate(node.layer, lo, part)
 
@@ -318,20 +292,13 @@ class ContributionAccumulator:
 
 
 def linear_class_sums(
-    sums: dict[str, torch.Tensor],
-    layer: str,
-    row,
-    weight,
-    rows=None,
-    groups: int = 1,
-    absolute: bool = False,
+    sums: dict[str, torch.Tensor], layer: str, row, weight, rows=None, groups: int = 1
 ):
     """The [Q, P / groups] (or [len(rows), P / groups]) clamped-contribution sums of a
     layer read through a single tap (`single_tap`; `weight`: that tap's
     [Q, P / groups], `tap_weight`) for one row of `sums`, from its sums of x+ and
     x-: w+ * sum(x+) + w- * sum(x-). `row` may also be a tensor of one row of `sums`
-    per output row in `rows` (pairs: several classes' rows at once). A new tensor.
-    `absolute`: the sums of |w x| = |w| * (sum(x+) - sum(x-)) instead."""
+    per output row in `rows` (pairs: several classes' rows at once). A new tensor."""
     w = weight
     q = w.shape[0]
     if rows is not None:
@@ -350,8 +317,6 @@ def linear_class_sums(
             pair = torch.arange(group.numel())
             pos = pos.view(pos.shape[0], groups, -1)[pair, group]
             neg = neg.view(neg.shape[0], groups, -1)[pair, group]
-    if absolute:
-        return w.abs_().mul_(pos - neg)
     # In place, block by block (torch.where over broadcast rows is several times slower).
     out = w.clamp(min=0).mul_(pos)
     return out.add_(w.clamp_(max=0).mul_(neg))

@@ -92,29 +92,6 @@ _PASS_TARGETS = {
     aten.alias.default,
     aten.detach.default,
 }
-# Ops that carry a value linearly (no rectifier, gate or squashing): a layer whose
-# output reaches the next layers through these only is read with both signs
-# (`lego_core.channels.unrectified_layers`).
-LINEAR_PASS_TARGETS = {
-    aten.dropout.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.avg_pool2d.default,
-    aten.adaptive_avg_pool2d.default,
-    aten._adaptive_avg_pool2d.default,
-    aten.mean.dim,
-    aten.sum.dim_IntList,
-    aten.mul.Scalar,
-    aten.div.Scalar,
-    aten.add.Scalar,
-    aten.sub.Scalar,
-    aten.add.Tensor,  # (as a pass: a tensor and a Python scalar)
-    aten.sub.Tensor,
-    aten.mul.Tensor,
-}
-LINEAR_TIE_TARGETS = {aten.add.Tensor, aten.sub.Tensor}
 _TIE_TARGETS = {
     aten.add.Tensor,
     aten.add_.Tensor,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lego_core.channels import backward_masks, is_depthwise, unrectified_layers
+from lego_core.channels import backward_masks, is_depthwise
 from lego_core.contributions import (
     CLASSES_KEY,
     ContributionAccumulator,
@@ -371,7 +371,7 @@ def contribution_sums(
         labels, order = torch.sort(labels, stable=True)
         indices = indices[order]
     net = model.net().to(device)
-    acc = ContributionAccumulator(torch.unique(labels), unrectified_layers(model.graph))
+    acc = ContributionAccumulator(torch.unique(labels))
     layers = {n.layer for n in located_layers(model.graph)}
     weights = {
         n.layer: model.graph.tensors[n.weight_key()].to(device)
@@ -422,13 +422,10 @@ class _LayerSums:
     """The clamped-contribution sums R_c[q, :] of one layer for output rows q of one
     or several sums rows (classes): dense sums as they are; a layer read through one tap
     (`single_tap`; `weight`: that tap's [Q, P / groups]) has them formed from its
-    sums of x+ and x- (`absolute`: of |w x|, see `unrectified_layers`)."""
+    sums of x+ and x-."""
 
-    def __init__(
-        self, sums, layer: str, weight: torch.Tensor | None, groups: int, absolute: bool = False
-    ):
+    def __init__(self, sums, layer: str, weight: torch.Tensor | None, groups: int):
         self.sums, self.layer, self.weight, self.groups = sums, layer, weight, groups
-        self.absolute = absolute
         self.dense = sums.get(layer)
         self.shape = tuple(weight.shape) if self.dense is None else tuple(self.dense.shape[1:])
 
@@ -437,9 +434,7 @@ class _LayerSums:
         sums row `row`'s, or each output's own sums row (`row` a tensor)."""
         if self.dense is not None:
             return self.dense[row, outputs]
-        return linear_class_sums(
-            self.sums, self.layer, row, self.weight, outputs, self.groups, self.absolute
-        )
+        return linear_class_sums(self.sums, self.layer, row, self.weight, outputs, self.groups)
 
 
 def mda_layer_rule(
@@ -519,8 +514,7 @@ def layer_sums(model: SourceModel, sums: dict[str, torch.Tensor], c: int, layer:
     (a layer read through one tap has them formed from its sums of x+ and x-)."""
     node = next(n for n in model.graph.layers() if n.layer == layer)
     weight = None if layer in sums else _signed_weight(model, node)
-    absolute = layer in unrectified_layers(model.graph)
-    r_sum = _LayerSums(sums, layer, weight, _groups(node), absolute)
+    r_sum = _LayerSums(sums, layer, weight, _groups(node))
     return r_sum(_row(sums, c), torch.arange(r_sum.shape[0]))
 
 
@@ -538,13 +532,12 @@ def masks_from_sums(
     if not classes:
         return {}
     rows = torch.tensor([_row(sums, c) for c in classes], dtype=torch.long)
-    absolute = unrectified_layers(graph)
 
     def rule(node, m):
         kind = "conv" if is_conv_like(graph, node) else "linear"
         groups = _groups(node)
         weight = None if node.layer in sums else _signed_weight(model, node)
-        r = _LayerSums(sums, node.layer, weight, groups, node.layer in absolute)
+        r = _LayerSums(sums, node.layer, weight, groups)
         return mda_layer_rule(r, rows, m, alpha[kind], beta[kind], groups)
 
     one_hot = torch.zeros(len(classes), graph.num_outputs, dtype=torch.bool)

@@ -65,22 +65,18 @@ def mixed():
 
 def dense_oracle(model, data, selected) -> dict[str, torch.Tensor]:
     """The dense form: per sample clamped contributions [Q, P / groups] of every
-    layer (absolute ones where no rectifier follows), summed per class in float64,
-    {layer: [classes, Q, P / groups]}."""
-    from lego_core.channels import unrectified_layers
+    layer, summed per class in float64, {layer: [classes, Q, P / groups]}."""
     from lego_core.data import normalize
 
     idx, lab = sample_order(selected)
     sums: dict[str, torch.Tensor] = {}
-    absolute = unrectified_layers(model.graph)
 
     def hook(node, x):
         w = model.graph.tensors[node.weight_key()]
-        signs = node.layer in absolute
         if node.kind == "linear":
-            per = linear_contributions(x, w, signs)
+            per = linear_contributions(x, w)
         else:
-            per = conv_contributions(x, w, *node.conv_options(), signs)
+            per = conv_contributions(x, w, *node.conv_options())
         part = torch.zeros(len(CLASSES), *per.shape[1:], dtype=torch.float64)
         part.index_add_(0, lab, per.double())
         sums[node.layer] = sums[node.layer] + part if node.layer in sums else part

@@ -156,27 +156,3 @@ def test_one_walk_for_all_classes_gives_each_class_its_own_masks(
     first, last = masks[classes[0]], masks[classes[-1]]
     assert any(not torch.equal(first[k], last[k]) for k in first)
     assert any(0 < float(m.float().mean()) < 1 for m in first.values())
-
-
-@pytest.mark.parametrize(
-    "build, expected",
-    [
-        # Read by another located layer with nothing in between: pointwise (by
-        # project) and fc1 (by fc2). The logits layer fc2 keeps MDA's clamp.
-        (lambda: Mixed(len(CLASSES)), {"pointwise", "fc1"}),
-        # Linear bottlenecks: every projection, never an expansion or the classifier.
-        (
-            lambda: tvm.mobilenet_v2(num_classes=7),
-            {"features.1.conv.1", *(f"features.{i}.conv.2" for i in range(2, 18))},
-        ),
-        # A ReLU after every conv and after every residual add.
-        (lambda: tvm.resnet18(num_classes=7), set()),
-    ],
-)
-def test_layers_read_linearly_count_contributions_with_both_signs(build, expected):
-    """`unrectified_layers`: the layers whose output reaches located layers through
-    linear ops only (batch norms, adds, depthwise convs) and no rectifier."""
-    from lego_core.channels import unrectified_layers
-
-    model = source_from_module(build().eval(), CIFAR10_SPEC, CLASSES, "graph")
-    assert unrectified_layers(model.graph) == expected
