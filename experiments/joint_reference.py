@@ -22,32 +22,13 @@ import time
 
 import torch
 
-from experiments.common import FULL, ROOT, Data, log, restrict, trained
-from experiments.reproduce import ASSEMBLIES, JOINT_MODELS, PLANS, decompose
-from lego_core.data import normalize
+from experiments.common import FULL, ROOT, Data, log, trained
+from experiments.reproduce import ASSEMBLIES, JOINT_MODELS, PLANS, joint_split
 from lego_core.files import atomic_write
 
 RESULTS_JSON = ROOT / "docs" / "results.json"
 OUT = ROOT / "docs" / "JOINT_REFERENCE.md"
 CROSS_PART_GOAL = "cross-part errors at most half of the previous default's"
-
-
-@torch.no_grad()
-def joint_split(model, data, union: list[str], sizes: list[int]) -> dict:
-    """The jointly trained `model` on `data`'s images of `union` (names in part
-    order), argmax over the union's classes: accuracy, cross-part errors and
-    within-part accuracy, as `decompose` splits an assembly's."""
-    sub = restrict(data, union)  # label i is union[i]
-    columns = torch.tensor([model.class_names.index(n) for n in union])
-    labels = sub.labels
-    net = model.net()
-    logits = torch.cat(
-        [
-            net(normalize(sub.images[i : i + 500], model.spec))[:, columns]
-            for i in range(0, len(sub), 500)
-        ]
-    )
-    return decompose(logits, labels, sizes) | {"images": len(sub)}
 
 
 def rows(settings=FULL) -> list[dict]:

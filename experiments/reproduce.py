@@ -61,6 +61,7 @@ from lego_core.assemble import (
     decision_rows,
     to_raw,
 )
+from lego_core.data import normalize
 from lego_core.decide import (
     DECISION_RULES,
     combine,
@@ -247,10 +248,12 @@ def test_sets(models: dict[str, Trained], data: Data, spec_parts) -> list[ImageF
 
 
 def code_fingerprint() -> str:
-    """A hash of the code that measures a row (lego_core and experiments): a saved
-    row is reused only by the same code."""
+    """A hash of the code that measures a row (lego_core, and the experiments
+    modules a row runs; not the report or other commands): a saved row is reused
+    only by the same code."""
     digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("lego_core/*.py"), *ROOT.glob("experiments/*.py")]):
+    mine = [ROOT / "experiments" / name for name in ("common.py", "reproduce.py")]
+    for path in sorted([*ROOT.glob("lego_core/*.py"), *mine]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -555,19 +558,36 @@ def padded_cost(parts: list[Part], branches, datasets) -> dict | None:
     }
 
 
+@torch.no_grad()
+def joint_split(model, data: ImageFolderData, union: list[str], sizes: list[int]) -> dict:
+    """A jointly trained `model` on `data`'s images of `union` (names in part
+    order, parts of `sizes` classes), argmax over the union's classes: accuracy,
+    cross-part errors and within-part accuracy, as `decompose` splits an
+    assembly's."""
+    sub = restrict(data, union)  # label i is union[i]
+    columns = torch.tensor([model.class_names.index(n) for n in union])
+    net = model.net()
+    logits = torch.cat(
+        [
+            net(normalize(sub.images[i : i + 500], model.spec))[:, columns]
+            for i in range(0, len(sub), 500)
+        ]
+    )
+    return decompose(logits, sub.labels, sizes) | {"images": len(sub)}
+
+
 def joint_reference(models, spec_parts, datasets) -> dict | None:
     """For rows from one dataset: the model trained on all ten classes of it
     (plain_cnn on CIFAR-10, LeNet on MNIST), on the same test images, argmax
     over the union's classes: what one jointly trained model gets on the
-    assembled task."""
+    assembled task, with its errors split as the assembly's are."""
     kinds = {models[k].plan.dataset for k, _ in spec_parts}
     if len(kinds) != 1:
         return None
     t = models[JOINT_MODELS[kinds.pop()]]
     union = [t.model.class_names[c] for _, cs in spec_parts for c in cs]
-    sub = restrict(datasets[0], union)
-    acc = accuracy_on(t.model.net(), sub, t.model.class_names, t.model.spec, restrict_to_task=True)
-    return {"model": t.plan.key, "accuracy": round(acc["accuracy"], 2)}
+    split = joint_split(t.model, datasets[0], union, [len(cs) for _, cs in spec_parts])
+    return {"model": t.plan.key, **split}
 
 
 def table_sensitivity(
