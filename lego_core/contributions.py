@@ -16,6 +16,20 @@ non-negative (after a ReLU) the sum over samples is max(w, 0) * sum(a). A linear
 layer over the last axis of a channels-last map is a 1x1 conv: a[p] is then the
 sum of input channel p over all positions.
 
+Signed inputs. MDA was defined on networks whose layers read rectified inputs
+(after a ReLU), where the sum over positions only adds. A layer that reads a signed
+input (a linear bottleneck's residual stream, a depthwise conv's batch-normed
+output, a layer norm's output) could see a channel's positive and negative regions
+cancel in that sum, and the channel counted as irrelevant however much it moves the
+output. So a sample's input x is taken as its two parts, x+ = max(x, 0) and
+x- = min(x, 0), each summed over positions and clamped on its own:
+
+    s[q, p] = max(sum_k W[q, p, k] * S+[p, k], 0) + max(sum_k W[q, p, k] * S-[p, k], 0)
+
+On a non-negative input S- = 0 and this is exactly MDA's s; a linear layer (no sum
+over positions) is unchanged too, since max(w x, 0) = max(w x+, 0) + max(w x-, 0).
+In the sums below a sample with negative inputs enters as two samples of its class.
+
 Per-class sums of one batch are formed in float32 and accumulated across
 batches in float64, so that adding shards (whole batches) in any order gives
 the same masks as one pass. The tap sums S cost about one pass over the input
@@ -115,10 +129,33 @@ def tap_sums(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation
     return taps.reshape(b, p, kh * kw)
 
 
+def signed_parts(x: torch.Tensor, labels: torch.Tensor | None = None):
+    """`x` with every sample entered as two, its positive and its negative part
+    (module docstring, "Signed inputs"), and `labels` repeated to match; `x` itself
+    when it has no negative value. Returns (x, labels)."""
+    if not bool((x < 0).any()):
+        return x, labels
+    x = torch.stack((x.clamp(min=0), x.clamp(max=0)), 1).flatten(0, 1)
+    return x, None if labels is None else labels.repeat_interleave(2)
+
+
 def conv_contributions(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups):
-    """Per-sample clamped contributions of a conv layer.
+    """Per-sample clamped contributions of a conv layer (a signed input's two parts
+    clamped apart and added, module docstring).
 
     Returns [B, Q, P // groups]: for output q, its own group's inputs."""
+    b = x.shape[0]
+    x, _ = signed_parts(x)
+    if x.shape[0] != b:
+        return (
+            _conv_contributions(x, weight, stride, padding, dilation, groups)
+            .view(b, 2, weight.shape[0], -1)
+            .sum(1)
+        )
+    return _conv_contributions(x, weight, stride, padding, dilation, groups)
+
+
+def _conv_contributions(x, weight, stride, padding, dilation, groups):
     q, pg, kh, kw = weight.shape
     s = tap_sums(x, (kh, kw), stride, padding, dilation)  # [B, P, K]
     b = s.shape[0]
@@ -143,6 +180,7 @@ def conv_class_sums(
     one batched matmul ([chunk, B, K] x [chunk, K, Q/groups]) into a reused buffer,
     an in-place clamp, and one sum per class run, all in float32 (the caller widens
     the small result)."""
+    x, labels = signed_parts(x, labels)
     q, pg, kh, kw = weight.shape
     k = kh * kw
     qg = q // groups
@@ -252,6 +290,9 @@ class ContributionAccumulator:
         labels = self.labels
         tap = single_tap(node, weight, x.shape[2:])
         if tap is not None:
+            if node.kind == "conv" or x.dim() > 2:
+                # Summed over positions: a signed input's parts apart (module docstring).
+                x, labels = signed_parts(x, labels)
             if node.kind == "conv":  # [B, P]: each input summed over what its one tap reads
                 stride, padding, dilation, _ = node.conv_options()
                 x = tap_sums(x, tuple(weight.shape[2:]), stride, padding, dilation)[:, :, tap]

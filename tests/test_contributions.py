@@ -11,7 +11,8 @@ from lego_core.contributions import conv_contributions, linear_contributions, ta
 
 def slow_conv_contributions(x, weight, stride, padding, dilation, groups):
     """Oracle: for every (q, p), convolve input channel p with kernel c_{q,p}
-    alone, sum over all output positions, clamp at zero. [B, Q, P / groups]."""
+    alone, sum over all output positions, clamp at zero; the positive and the
+    negative part of a signed input apart, added. [B, Q, P / groups]."""
     q_total, pg = weight.shape[:2]
     qg = q_total // groups
     out = torch.zeros(x.shape[0], q_total, pg, dtype=torch.float64)
@@ -19,14 +20,33 @@ def slow_conv_contributions(x, weight, stride, padding, dilation, groups):
         g = q // qg
         for j in range(pg):
             p = g * pg + j
+            for part_of_x in (x.clamp(min=0), x.clamp(max=0)):
+                part = F.conv2d(
+                    part_of_x[:, p : p + 1].double(),
+                    weight[q : q + 1, j : j + 1].double(),
+                    stride=stride,
+                    padding=padding,
+                    dilation=dilation,
+                )
+                out[:, q, j] += part.sum((1, 2, 3)).clamp(min=0)
+    return out
+
+
+def mda_conv_contributions(x, weight, stride, padding, dilation):
+    """MDA's own formula, one sum over positions of the whole (signed) input."""
+    q_total, p_total = weight.shape[:2]
+    out = torch.zeros(x.shape[0], q_total, p_total, dtype=torch.float64)
+    for q in range(q_total):
+        for p in range(p_total):
             part = F.conv2d(
                 x[:, p : p + 1].double(),
-                weight[q : q + 1, j : j + 1].double(),
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
+                weight[q : q + 1, p : p + 1].double(),
+                None,
+                stride,
+                padding,
+                dilation,
             )
-            out[:, q, j] = part.sum((1, 2, 3)).clamp(min=0)
+            out[:, q, p] = part.sum((1, 2, 3)).clamp(min=0)
     return out
 
 
@@ -43,20 +63,24 @@ def slow_conv_contributions(x, weight, stride, padding, dilation, groups):
         (3, 2, 4, 3, 0, 1, 1, 14),  # stride larger than the padding, uneven coverage
     ],
 )
+@pytest.mark.parametrize("rectified", [False, True])
 def test_fast_conv_contributions_equal_the_oracle(
-    channels, out_channels, kernel, stride, padding, dilation, groups, size
+    channels, out_channels, kernel, stride, padding, dilation, groups, size, rectified
 ):
     g = torch.Generator().manual_seed(0)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
     x = torch.randn(4, channels, size, size + 1, generator=g)
+    x = x.relu() if rectified else x
     w = torch.randn(out_channels, channels // groups, kh, kw, generator=g)
     fast = conv_contributions(x, w, pair(stride), pair(padding), pair(dilation), groups).double()
     slow = slow_conv_contributions(x, w, pair(stride), pair(padding), pair(dilation), groups)
     assert fast.shape == slow.shape
     rel = (fast - slow).abs().max() / slow.abs().max()
     assert rel < 1e-4
-    assert (slow > 0).any() and (slow == 0).any()  # the clamp is exercised
+    assert (slow > 0).any()
+    if rectified:  # the clamp is exercised (a signed input's two parts rarely both clamp)
+        assert (slow == 0).any()
 
 
 @pytest.mark.parametrize(
@@ -84,6 +108,22 @@ def test_tap_sums_match_unfold(kernel, stride, padding, dilation, small_map, mon
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, P*K, L]
     k = kernel[0] * kernel[1]
     assert torch.allclose(s, cols.view(2, 3, k, -1).sum(-1), atol=1e-5)
+
+
+def test_signed_inputs_are_summed_by_part_and_rectified_ones_as_mda_does():
+    """A channel whose positive and negative halves cancel over positions moves every
+    output position, and counts; on a rectified input the rule is MDA's own."""
+    x = torch.ones(1, 1, 4, 4)
+    x[..., 2:] = -1  # sums to zero over positions
+    w = torch.tensor([[[[1.0]]], [[[-2.0]]]])  # two outputs, 1x1
+    assert mda_conv_contributions(x, w, (1, 1), (0, 0), (1, 1)).abs().sum() == 0
+    got = conv_contributions(x, w, (1, 1), (0, 0), (1, 1), 1)
+    assert got.flatten().tolist() == [8.0, 16.0]  # 8 positions at +1; 8 at -1 through -2
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 7, 7, generator=g).relu()
+    w = torch.randn(5, 4, 3, 3, generator=g)
+    mda = mda_conv_contributions(x, w, (1, 1), (1, 1), (1, 1))
+    assert torch.allclose(conv_contributions(x, w, (1, 1), (1, 1), (1, 1), 1).double(), mda)
 
 
 def test_fast_linear_contributions_equal_the_oracle():

@@ -231,9 +231,6 @@ def test_zoo_capture_components_and_export(arch, way, trained, captured, separab
 BELOW_HALF_MARGIN = {
     "mobilenet_v2": "its component falls to 0.58 against a source at 1.00 (issue 11, open; "
     "docs/architecture.md)",
-    "shufflenet_v2_x0_5": "split and shuffle are opaque to the graph, so only the narrow "
-    "hidden layers are pruned and their losses add up: 0.50 against 1.00 (issue 11, open; "
-    "python -m experiments.channel_ablation)",
     "squeezenet1_1": "25 steps leave the source untrained on these images (0.33)",
     "efficientnet_b0": "25 steps leave the source fragile: its component falls to 0.46 "
     "against 0.96 (issue 11, open; docs/architecture.md)",
