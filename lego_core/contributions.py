@@ -129,14 +129,15 @@ def tap_sums(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation
     return taps.reshape(b, p, kh * kw)
 
 
-def signed_parts(x: torch.Tensor, labels: torch.Tensor | None = None):
-    """`x` with every sample entered as two, its positive and its negative part
-    (module docstring, "Signed inputs"), and `labels` repeated to match; `x` itself
-    when it has no negative value. Returns (x, labels)."""
+def signed_sums(x: torch.Tensor, sums, labels: torch.Tensor | None = None):
+    """(`sums(x)`, `labels`), or, when `x` has a negative value, the sums of its
+    positive and of its negative part as two samples each (module docstring,
+    "Signed inputs"), with `labels` repeated to match. `sums` maps [B, ...] inputs
+    to their [B, ...] sums over positions."""
     if not bool((x < 0).any()):
-        return x, labels
-    x = torch.stack((x.clamp(min=0), x.clamp(max=0)), 1).flatten(0, 1)
-    return x, None if labels is None else labels.repeat_interleave(2)
+        return sums(x), labels
+    both = torch.stack((sums(x.clamp(min=0)), sums(x.clamp(max=0))), 1).flatten(0, 1)
+    return both, None if labels is None else labels.repeat_interleave(2)
 
 
 def conv_contributions(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups):
@@ -144,29 +145,18 @@ def conv_contributions(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
     clamped apart and added, module docstring).
 
     Returns [B, Q, P // groups]: for output q, its own group's inputs."""
-    b = x.shape[0]
-    x, _ = signed_parts(x)
-    if x.shape[0] != b:
-        return (
-            _conv_contributions(x, weight, stride, padding, dilation, groups)
-            .view(b, 2, weight.shape[0], -1)
-            .sum(1)
-        )
-    return _conv_contributions(x, weight, stride, padding, dilation, groups)
-
-
-def _conv_contributions(x, weight, stride, padding, dilation, groups):
     q, pg, kh, kw = weight.shape
-    s = tap_sums(x, (kh, kw), stride, padding, dilation)  # [B, P, K]
-    b = s.shape[0]
+    b = x.shape[0]
+    s, _ = signed_sums(x, lambda v: tap_sums(v, (kh, kw), stride, padding, dilation))
     if groups == 1:
         out = torch.einsum("bpk,qpk->bqp", s, weight.reshape(q, pg, kh * kw))
     else:
         qg = q // groups
-        s = s.view(b, groups, pg, kh * kw)
+        s = s.view(s.shape[0], groups, pg, kh * kw)
         w = weight.reshape(groups, qg, pg, kh * kw)
-        out = torch.einsum("bgpk,gqpk->bgqp", s, w).reshape(b, q, pg)
-    return out.clamp_(min=0)
+        out = torch.einsum("bgpk,gqpk->bgqp", s, w).reshape(s.shape[0], q, pg)
+    out = out.clamp_(min=0)
+    return out.view(b, 2, q, pg).sum(1) if out.shape[0] != b else out
 
 
 def conv_class_sums(
@@ -180,11 +170,12 @@ def conv_class_sums(
     one batched matmul ([chunk, B, K] x [chunk, K, Q/groups]) into a reused buffer,
     an in-place clamp, and one sum per class run, all in float32 (the caller widens
     the small result)."""
-    x, labels = signed_parts(x, labels)
     q, pg, kh, kw = weight.shape
     k = kh * kw
     qg = q // groups
-    s = tap_sums(x, (kh, kw), stride, padding, dilation)  # [B, P, K]
+    s, labels = signed_sums(  # [B, P, K]
+        x, lambda v: tap_sums(v, (kh, kw), stride, padding, dilation), labels
+    )
     b = s.shape[0]
     if b > 1 and not bool((labels[1:] >= labels[:-1]).all()):
         labels, order = torch.sort(labels, stable=True)
@@ -290,14 +281,15 @@ class ContributionAccumulator:
         labels = self.labels
         tap = single_tap(node, weight, x.shape[2:])
         if tap is not None:
-            if node.kind == "conv" or x.dim() > 2:
-                # Summed over positions: a signed input's parts apart (module docstring).
-                x, labels = signed_parts(x, labels)
+            # Summed over positions, a signed input's two parts apart (module docstring).
             if node.kind == "conv":  # [B, P]: each input summed over what its one tap reads
                 stride, padding, dilation, _ = node.conv_options()
-                x = tap_sums(x, tuple(weight.shape[2:]), stride, padding, dilation)[:, :, tap]
+                kernel = tuple(weight.shape[2:])
+                x, labels = signed_sums(
+                    x, lambda v: tap_sums(v, kernel, stride, padding, dilation)[:, :, tap], labels
+                )
             elif x.dim() > 2:  # channels-last map: a 1x1 conv, summed over positions
-                x = x.flatten(1, -2).sum(1)
+                x, labels = signed_sums(x, lambda v: v.flatten(1, -2).sum(1), labels)
             k = self.classes.numel()
             for key, part in ((POS, x.clamp(min=0)), (NEG, x.clamp(max=0))):
                 acc = self.sums.get(node.layer + key)
