@@ -223,8 +223,8 @@ MEMORY_ARCHS = ("resnet50", "vgg16")
 
 
 def memory_section(path: Path) -> list[str]:
-    """RESULTS.md's section for `python -m bench.locate_memory` (run separately: hours
-    on 2 cores), from the rows it leaves in bench/locate_memory.json."""
+    """RESULTS.md's section for `python -m bench.locate_memory` (run separately: about
+    20 minutes on one core), from the rows it leaves in bench/locate_memory.json."""
     rows = json.loads(path.read_text()) if path.exists() else []
     md = [
         "## Memory of locate at ImageNet size",
