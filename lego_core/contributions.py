@@ -350,6 +350,8 @@ def linear_class_sums(
             pair = torch.arange(group.numel())
             pos = pos.view(pos.shape[0], groups, -1)[pair, group]
             neg = neg.view(neg.shape[0], groups, -1)[pair, group]
+    if not bool(neg.any()):  # a rectified input: w- * sum(x-) adds only zeros
+        return w.clamp_(min=0).mul_(pos)
     # In place, block by block (torch.where over broadcast rows is several times slower).
     out = w.clamp(min=0).mul_(pos)
     return out.add_(w.clamp_(max=0).mul_(neg))
