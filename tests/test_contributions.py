@@ -158,6 +158,30 @@ def test_linear_sums_of_signed_parts_equal_per_sample_sums(relu):
         assert torch.allclose(linear_class_sums(sums, "fc", row, w), expected, atol=1e-6)
 
 
+def test_channels_last_linear_sums_take_a_signed_inputs_parts_apart():
+    """A linear layer over the last axis of a [B, H, W, C] map is a 1x1 conv: per
+    sample, max(w * sum over positions of x+, 0) + max(w * sum of x-, 0)."""
+    from lego_core.contributions import ContributionAccumulator, linear_class_sums
+    from lego_core.graph import Node, Param, Ref
+
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(5, 3, 3, 4, generator=g), torch.randn(2, 4, generator=g)
+    labels = torch.tensor([1, 1, 6, 6, 6])
+    node = Node("mlp", "linear", None, (Ref("x"), Param("mlp.weight")), layer="mlp")
+    acc = ContributionAccumulator([1, 6])
+    acc.set_batch(labels)
+    acc.add(node, x, w)
+    sums = acc.result()
+    parts = [x.clamp(min=0).sum((1, 2)), x.clamp(max=0).sum((1, 2))]  # [B, C] each
+    per_sample = sum((w[None] * part[:, None, :]).clamp(min=0) for part in parts).double()
+    for row, c in enumerate([1, 6]):
+        expected = per_sample[labels == c].sum(0)
+        assert torch.allclose(linear_class_sums(sums, "mlp", row, w), expected, atol=1e-5)
+    # MDA's single sum over positions would differ here: the parts do cancel
+    whole = (w[None] * x.sum((1, 2))[:, None, :]).clamp(min=0).double()
+    assert not torch.allclose(whole[labels == 1].sum(0), per_sample[labels == 1].sum(0))
+
+
 def test_add_sums_merges_classes_and_adds_shared_ones():
     from lego_core.contributions import add_sums
 
