@@ -10,7 +10,9 @@ positions), multiplied with the weights [Q, P, K] into the per-position partial
 convolutions a_{q,p}[l] of shape B x Q x P x L (the K taps are contracted inside one
 einsum, so the B x Q x P x K x L product is never materialised: a faster baseline than
 the literal one), summed over the L positions, clamped at zero per sample and added
-to per-class float64 sums. A linear layer is max(w * a, 0) per sample. The same
+to per-class float64 sums; a signed input's positive and negative parts go through
+this apart, as the project's rule says (lego_core.contributions, "Signed inputs").
+A linear layer is max(w * a, 0) per sample. The same
 batches (128 samples) as the project; a block is split over samples only when it
 would exceed `REF_BLOCK_ELEMENTS`.
 
@@ -29,6 +31,7 @@ counted). On CUDA: torch.cuda.max_memory_allocated over the same window.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -150,8 +153,10 @@ class ReferenceContributions:
         positions = out_h * out_w
         step = max(1, min(b, self.block // (q * pg * positions)))
         self.chunked |= step < b
-        for i in range(0, b, step):
-            xs = x[i : i + step]
+        signed = bool(x.amin() < 0)
+        parts = (x.clamp(min=0), x.clamp(max=0)) if signed else (x,)
+        for i, part in itertools.product(range(0, b, step), parts):
+            xs = part[i : i + step]
             bs = xs.shape[0]
             cols = F.unfold(xs, (kh, kw), dilation=dilation, padding=padding, stride=stride)
             cols = cols.view(bs, groups, pg, k, positions)
