@@ -129,15 +129,24 @@ def tap_sums(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation
     return taps.reshape(b, p, kh * kw)
 
 
-def signed_sums(x: torch.Tensor, sums, labels: torch.Tensor | None = None):
-    """(`sums(x)`, `labels`), or, when `x` has a negative value, the sums of its
-    positive and of its negative part as two samples each (module docstring,
-    "Signed inputs"), with `labels` repeated to match. `sums` maps [B, ...] inputs
-    to their [B, ...] sums over positions."""
+def part_sums(x: torch.Tensor, sums):
+    """(sums of `x`'s positive part, sums of its negative part) (module docstring,
+    "Signed inputs"), or (`sums(x)`, None) when `x` has no negative value. `sums`
+    maps [B, ...] inputs to their [B, ...] sums over positions."""
     # (amin is several times faster than (x < 0).any(), which builds a bool tensor)
     if x.numel() == 0 or not bool(x.amin() < 0):
-        return sums(x), labels
-    both = torch.stack((sums(x.clamp(min=0)), sums(x.clamp(max=0))), 1).flatten(0, 1)
+        return sums(x), None
+    return sums(x.clamp(min=0)), sums(x.clamp(max=0))
+
+
+def signed_sums(x: torch.Tensor, sums, labels: torch.Tensor | None = None):
+    """`part_sums` as samples: (`sums(x)`, `labels`), or each sample's two parts as
+    two samples of its class, with `labels` repeated to match (for layers whose
+    contributions are clamped after the weight product)."""
+    pos, neg = part_sums(x, sums)
+    if neg is None:
+        return pos, labels
+    both = torch.stack((pos, neg), 1).flatten(0, 1)
     return both, None if labels is None else labels.repeat_interleave(2)
 
 
@@ -282,22 +291,27 @@ class ContributionAccumulator:
         labels = self.labels
         tap = single_tap(node, weight, x.shape[2:])
         if tap is not None:
-            # Summed over positions, a signed input's two parts apart (module docstring).
+            # The class sums of x+ and x- per input: for a conv read through one tap
+            # and a channels-last linear layer, each part summed over the positions
+            # apart (module docstring); for a linear layer, per element.
             if node.kind == "conv":  # [B, P]: each input summed over what its one tap reads
                 stride, padding, dilation, _ = node.conv_options()
                 kernel = tuple(weight.shape[2:])
-                x, labels = signed_sums(
-                    x, lambda v: tap_sums(v, kernel, stride, padding, dilation)[:, :, tap], labels
+                pos, neg = part_sums(
+                    x, lambda v: tap_sums(v, kernel, stride, padding, dilation)[:, :, tap]
                 )
             elif x.dim() > 2:  # channels-last map: a 1x1 conv, summed over positions
-                x, labels = signed_sums(x, lambda v: v.flatten(1, -2).sum(1), labels)
+                pos, neg = part_sums(x, lambda v: v.flatten(1, -2).sum(1))
+            else:
+                pos, neg = part_sums(x, lambda v: v)
             k = self.classes.numel()
-            for key, part in ((POS, x.clamp(min=0)), (NEG, x.clamp(max=0))):
+            for key, part in ((POS, pos), (NEG, neg)):  # neg None: no negative input
                 acc = self.sums.get(node.layer + key)
                 if acc is None:
-                    acc = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+                    acc = torch.zeros(k, pos.shape[1], dtype=torch.float64, device=x.device)
                     self.sums[node.layer + key] = acc
-                acc.index_add_(0, labels, part.double())
+                if part is not None:
+                    acc.index_add_(0, labels, part.double())
             return
         # The batch's classes are a contiguous range of rows (samples come in
         # class order); the per-batch sums cover that range only.
