@@ -28,7 +28,8 @@ x- = min(x, 0), each summed over positions and clamped on its own:
 
 On a non-negative input S- = 0 and this is exactly MDA's s; a linear layer (no sum
 over positions) is unchanged too, since max(w x, 0) = max(w x+, 0) + max(w x-, 0).
-In the sums below a sample with negative inputs enters as two samples of its class.
+In the conv sums below a sample with negative inputs enters as two samples of its
+class; layers read through one tap keep the sums of x+ and x- anyway (`part_sums`).
 
 Per-class sums of one batch are formed in float32 and accumulated across
 batches in float64, so that adding shards (whole batches) in any order gives
@@ -262,7 +263,7 @@ class ContributionAccumulator:
     relu(w * x) = w+ x+ + w- x- elementwise (w+ = max(w, 0), w- = min(w, 0), same
     for x), so the class sum of clamped contributions is w+ * sum(x+) + w- *
     sum(x-): the accumulator keeps only the per-class sums of x+ and x- per input
-    ([k, P] each, keys LAYER#pos and LAYER#neg; for a conv x is the input summed
+    ([k, P] each, keys LAYER#pos and LAYER#neg; for a conv, x+ and x- each summed
     over the positions its tap reads),
     and `linear_class_sums` forms a class's [Q, P / groups] when its mask is
     computed. This costs B x P per batch instead of B x Q x P.
