@@ -1,10 +1,11 @@
 """lego_core: Model Disassembling and Assembling (MDA) as a plain PyTorch library.
 
 Capture a trained classifier (`load_source_model`), locate the component of
-every class (`locate`), cut out the component of any class set
-(`disassemble`), assemble components of several models into one classifier
-(`assemble`), and export it as a self-contained `.pt` (`export_model`).
-No web, database or task-queue code lives here.
+every class (`locate`; `locate_checked` also checks the components against
+their source and relaxes the thresholds where they cut too deep), cut out the
+component of any class set (`disassemble`), assemble components of several
+models into one classifier (`assemble`), and export it as a self-contained
+`.pt` (`export_model`). No web, database or task-queue code lives here.
 """
 
 from lego_core.architectures import ARCHITECTURES, build_model, load_state_dict_file
@@ -39,6 +40,7 @@ from lego_core.evaluate import (
     evaluate_assembly,
 )
 from lego_core.export import ExportedClassifier, export_model, load_exported
+from lego_core.fidelity import check_components, check_warning, locate_checked
 from lego_core.locate import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -84,6 +86,8 @@ __all__ = [
     "component_stats",
     "assemble",
     "build_model",
+    "check_components",
+    "check_warning",
     "count_flops",
     "count_params",
     "disassemble",
@@ -96,6 +100,7 @@ __all__ = [
     "load_source_model",
     "load_state_dict_file",
     "locate",
+    "locate_checked",
     "render_routes",
     "route_table",
     "shared_data_dir",

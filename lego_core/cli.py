@@ -52,8 +52,9 @@ from lego_core.errors import (
 )
 from lego_core.evaluate import accuracy_on, component_stats, count_flops, count_params
 from lego_core.export import ExportedClassifier, export_model, load_exported
+from lego_core.fidelity import check_warning, locate_checked
 from lego_core.files import atomic_write
-from lego_core.locate import DEFAULT_SAMPLES_PER_CLASS, Components, locate
+from lego_core.locate import DEFAULT_SAMPLES_PER_CLASS, Components
 from lego_core.model import FILE_FORMATS, SourceModel, load_source_model
 from lego_core.routes import render_routes, route_table
 from lego_core.spec import CIFAR10_SPEC, IMAGENET_SPEC, MNIST_SPEC, InputSpec
@@ -470,7 +471,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     classes = parse_names(args.classes) if args.classes else None
     data = load_data(args.data, model.spec, classes, args.limit_per_class)
     with ProgressBar("locating") as bar:
-        comps = locate(
+        comps = locate_checked(
             model,
             data,
             samples_per_class=args.samples_per_class,
@@ -508,9 +509,14 @@ def cmd_locate(args: argparse.Namespace) -> int:
     header = ["class", "samples", "channels kept", "params", "FLOPs"]
     print(_table(rows, [*header, "per layer"] if args.verbose else header))
     print(f"source: {_n(src_params)} params, {_n(src_flops)} FLOPs")
-    warning = fixed_inputs_warning(model)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    for s in comps.parameters["check"]["sets"]:
+        print(
+            f"check {'+'.join(s['classes'])}: component {s['component']:.2f}, source "
+            f"{s['source']:.2f} on their located images ({_ratio(s['params'], 1)} of the params)"
+        )
+    for warning in (fixed_inputs_warning(model), check_warning(comps)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
 

@@ -236,16 +236,50 @@ def run_shard_task(env, job_id: int, phase: str, k: int, count: int) -> str:
     return "computed" if done else "held"
 
 
-def locate_sharded(ctx, model, data, count: int, with_stats: bool = True):
-    """The parent's side: selection and contribution shards over the workers, masks
-    here once. Returns lego_core Components equal to one pass of `locate`."""
+def sharded_locator(ctx, model, data, count: int):
+    """The parent's side of a sharded locate, as `run(alpha=, beta=, progress=)` for
+    `lego_core.locate_checked`. The first call sends the selection and contribution
+    shards to the workers and adds up their sums; every call makes masks here from
+    those sums with its thresholds (the sums do not depend on them), so relaxed
+    thresholds cost one mask pass. Each call returns Components equal to one pass of
+    `locate`; `progress` gets 0..1."""
+    from lego_core import Components
+    from lego_core.locate import masks_from_sums
+
+    held: dict = {}
+
+    def run(alpha: dict, beta: dict, progress) -> Components:
+        if not held:
+            held.update(_sharded_sums(ctx, model, data, count, progress))
+        progress(0.95, "locating masks")
+        selected = held["selected"]
+        return Components(
+            class_names=list(model.class_names),
+            layers=[n.layer for n in model.graph.layers()],
+            masks=masks_from_sums(model, held["sums"], sorted(selected), alpha, beta),
+            selected=selected,
+            parameters={"samples_per_class": held["n"], "alpha": alpha, "beta": beta},
+            dataset={
+                "source": str(getattr(data, "source", "")),
+                "size": len(data),
+                "class_names": list(data.class_names),
+            },
+        )
+
+    return run
+
+
+def _sharded_sums(ctx, model, data, count: int, progress) -> dict:
+    """Selection and contribution sums computed by shards over the workers:
+    {"selected", "sums", "n"}."""
     import shutil
 
-    from lego_core import DEFAULT_ALPHA, DEFAULT_BETA, Components
     from lego_core.contributions import add_sums
-    from lego_core.locate import _per_kind, masks_from_sums
     from lego_core.shards import candidates_from_state, merge_selections, save_shard
     from worker.celery_app import client, job_queue
+
+    def band(lo: float, hi: float):
+        return lambda f, m="": progress(lo + (hi - lo) * f, m)
 
     settings = ctx.env.settings
     directory = shard_dir(ctx.storage, ctx.job_id)
@@ -266,7 +300,7 @@ def locate_sharded(ctx, model, data, count: int, with_stats: bool = True):
         len(work.ranges),
         lambda k: work.compute("select", k),
         sender("select"),
-        ctx.sub(0.1, 0.5),
+        band(0.0, 0.45),
     )
     selected = merge_selections([candidates_from_state(p) for p in parts], work.n)
     save_shard(directory / "selected.pt", {str(c): v for c, v in selected.items()})
@@ -279,31 +313,8 @@ def locate_sharded(ctx, model, data, count: int, with_stats: bool = True):
         len(plan),
         lambda k: work.compute("sums", k, plan),
         sender("sums"),
-        ctx.sub(0.5, 0.85),
+        band(0.45, 0.95),
     ):
         sums = add_sums(sums, part)
-    alpha = _per_kind(ctx.payload.get("alpha"), DEFAULT_ALPHA, "alpha")
-    beta = _per_kind(ctx.payload.get("beta"), DEFAULT_BETA, "beta")
-    ctx.progress(0.85, "locating masks")
-    classes = sorted(selected)
-    comps = Components(
-        class_names=list(model.class_names),
-        layers=[n.layer for n in model.graph.layers()],
-        masks=masks_from_sums(model, sums, classes, alpha, beta),
-        selected=selected,
-        parameters={"samples_per_class": work.n, "alpha": alpha, "beta": beta},
-        dataset={
-            "source": str(getattr(data, "source", "")),
-            "size": len(data),
-            "class_names": list(data.class_names),
-        },
-    )
-    if with_stats:
-        from lego_core.disassemble import disassemble
-        from lego_core.evaluate import single_class_stats
-
-        for i, c in enumerate(classes):
-            comps.stats[c] = single_class_stats(disassemble(model, comps, [c]))
-            ctx.progress(0.85 + 0.1 * (i + 1) / len(classes), "measuring components")
     shutil.rmtree(directory, ignore_errors=True)
-    return comps
+    return {"selected": selected, "sums": sums, "n": work.n}

@@ -21,7 +21,7 @@ from app.catalog import (
     Model,
 )
 from worker.runtime import Deferred, JobContext, Result
-from worker.shards import locate_sharded, shard_count
+from worker.shards import shard_count, sharded_locator
 
 
 def _lego_error(msg: str) -> Exception:
@@ -68,7 +68,7 @@ def located_data(ctx: JobContext, m: Model, ds: Dataset, spec):
 
 
 def locate_job(ctx: JobContext) -> Result:
-    from lego_core import Components, component_stats, locate
+    from lego_core import Components, check_warning, component_stats, locate_checked
 
     p = ctx.payload
     parameters = {
@@ -101,11 +101,12 @@ def locate_job(ctx: JobContext) -> Result:
     ctx.progress(0.1, "locating components")
     kwargs = {k: v for k, v in parameters.items() if v is not None}
     shards = shard_count(ctx.env.settings, len(data))
-    if shards > 1:  # Celery: the job's shards go to every worker (worker/shards.py)
-        comps = locate_sharded(ctx, source, data, shards)
-    else:
-        comps = locate(source, data, progress=ctx.sub(0.1, 0.85), device=ctx.device, **kwargs)
-        comps.stats = component_stats(source, comps, progress=ctx.sub(0.85, 0.95))
+    # Celery: the job's shards go to every worker (worker/shards.py)
+    run = sharded_locator(ctx, source, data, shards) if shards > 1 else None
+    comps = locate_checked(
+        source, data, progress=ctx.sub(0.1, 0.85), device=ctx.device, run=run, **kwargs
+    )
+    comps.stats = component_stats(source, comps, progress=ctx.sub(0.85, 0.95))
     ctx.progress(0.96, "saving components")
     with ctx.storage.temp_path(".pt") as t:
         comps.save(t)
@@ -140,7 +141,11 @@ def locate_job(ctx: JobContext) -> Result:
             )
         return {"component_set_id": cs.id}
 
-    return Result({"classes": len(summary)}, apply)
+    result = {"classes": len(summary), "check": comps.parameters.get("check")}
+    warning = check_warning(comps)
+    if warning:
+        result["warning"] = warning
+    return Result(result, apply)
 
 
 # --------------------------------------------------------------------------- assemble

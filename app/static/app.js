@@ -219,10 +219,29 @@ function locateStatus(m) {
     return h("div", { class: "locate-status", "data-state": "located" },
       statusBadge("located"),
       h("span", { class: "small muted" },
-        ` on dataset ${s.dataset_name || s.dataset_id} (component set ${s.id})`));
+        ` on dataset ${s.dataset_name || s.dataset_id} (component set ${s.id})`),
+      checkNote(s.parameters && s.parameters.check, s.parameters));
   }
   return h("div", { class: "locate-status", "data-state": "none" },
     statusBadge("not located"), h("span", { class: "small muted" }, " locate to see its bricks"));
+}
+
+// What the check of the located components found (lego_core.fidelity).
+function checkNote(check, params) {
+  if (!check) return [];
+  const failed = check.sets.filter((x) => !x.kept);
+  if (failed.length) {
+    const f = failed[0];
+    return h("p", { class: "alert check-note", role: "status" },
+      `Components do not keep this model's decisions: classes ${f.classes.join(", ")} score ` +
+      `${f.component.toFixed(2)} against ${f.source.toFixed(2)} on their located images.`);
+  }
+  const scores = check.sets.map((x) => x.component.toFixed(2)).join(", ");
+  const relaxed = check.relaxed
+    ? ` Thresholds relaxed to keep them: beta ${JSON.stringify(params.beta)}.` : "";
+  return h("p", { class: "small muted check-note" },
+    `Checked on ${check.sets.length} class sets: components score ${scores} ` +
+    `on their located images.${relaxed}`);
 }
 
 function locateForm(m, datasets) {

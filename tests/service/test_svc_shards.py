@@ -1,6 +1,6 @@
 """A locate job split across Celery workers (worker/shards.py): real `lego serve`, two
 real `lego worker` processes, PostgreSQL and Redis; the components equal one pass of
-lego_core.locate in this process, bit for bit. Plus the claim files' rules."""
+lego_core.locate_checked in this process, bit for bit. Plus the claim files' rules."""
 
 from __future__ import annotations
 
@@ -58,7 +58,13 @@ def test_a_shard_is_done_once_and_a_dead_workers_claim_is_taken_over(tmp_path):
 def test_locate_split_over_two_workers_equals_one_pass(tmp_path, shared_data, trained_lenets):
     from app.catalog import ComponentSet
     from app.settings import Settings
-    from lego_core import MNIST_SPEC, Components, load_image_folder, load_source_model, locate
+    from lego_core import (
+        MNIST_SPEC,
+        Components,
+        load_image_folder,
+        load_source_model,
+        locate_checked,
+    )
     from worker.runtime import Env
 
     # 600 images of the model's five digits: three selection batches of 256 rows.
@@ -129,7 +135,10 @@ def test_locate_split_over_two_workers_equals_one_pass(tmp_path, shared_data, tr
 
     model = load_source_model(trained_lenets.low, "lenet", list("01234"), MNIST_SPEC)
     data = load_image_folder(archive, MNIST_SPEC, classes=list("01234"))
-    one = locate(model, data, samples_per_class=60)
+    # The service's locate is the checked one (lego_core.fidelity): same masks and
+    # the same check report, from sums computed once by the shards.
+    one = locate_checked(model, data, samples_per_class=60)
+    assert sharded.parameters["check"]["sets"]
     assert sharded.selected.keys() == one.selected.keys()
     for c in one.masks:
         assert torch.equal(sharded.selected[c], one.selected[c]), c

@@ -322,6 +322,9 @@ def test_web_journey(
         wait_for(d, lambda d, n=name: locate_state(d, n) == "located", timeout=180, what="located")
     card = model_card(d, "digits-low")
     assert "located on dataset mnist-small" in card.text
+    # The check of the located components (lego_core.fidelity) is shown with them.
+    note = card.find_element("css selector", ".check-note").text
+    assert re.match(r"Checked on \d+ class sets: components score \d\.\d\d", note), note
     brick = card.find_element("css selector", ".brick")
     share = [s.text for s in brick.find_elements("css selector", ".share")]
     assert re.fullmatch(r"params \d+(\.\d)?%", share[0]), share
