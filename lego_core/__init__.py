@@ -48,6 +48,7 @@ from lego_core.locate import (
     REFERENCE_ALPHA,
     REFERENCE_BETA,
     Components,
+    Locator,
     locate,
 )
 from lego_core.model import FILE_FORMATS, SourceModel, load_source_model, source_from_module
@@ -78,6 +79,7 @@ __all__ = [
     "IncompatibleComponentsError",
     "InputSpec",
     "LegoError",
+    "Locator",
     "ModelFileError",
     "Part",
     "SourceModel",

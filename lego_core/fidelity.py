@@ -26,9 +26,9 @@ from lego_core.locate import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     Components,
+    Locator,
     Progress,
     _per_kind,
-    locate,
 )
 from lego_core.model import SourceModel
 
@@ -121,20 +121,18 @@ def locate_checked(
     positive. If no step passes, the step whose worst set scored highest is kept.
     Thresholds given by the caller are used as given and only reported on.
 
-    `run(alpha=, beta=, progress=)` replaces `locate` (the service's sharded
-    locate); `locate_options` go to `locate`."""
+    `run(alpha=, beta=, progress=)` locates at given thresholds: by default a
+    `Locator` over `locate_options` (`locate`'s samples_per_class, shards,
+    memory_budget); the service passes its sharded locate."""
     report = progress or (lambda f, m: None)
     relax = alpha is None and beta is None
     steps = RELAX_STEPS if relax else ((1.0, 1.0),)
     base_alpha = _per_kind(alpha, DEFAULT_ALPHA, "alpha")
     base_beta = _per_kind(beta, DEFAULT_BETA, "beta")
 
-    def run_locate(a: dict, b: dict, progress: Progress) -> Components:
-        if run is not None:
-            return run(alpha=a, beta=b, progress=progress)
-        return locate(
-            model, data, alpha=a, beta=b, progress=progress, device=device, **locate_options
-        )
+    # One Locator: a relaxed step selects nothing again and, where the sums fit in
+    # one part, sums nothing again either (one mask pass).
+    run = run or Locator(model, data, device=device, **locate_options)
 
     # Progress: the first locate to 0.8, its check to 0.85; later steps share the rest.
     def band(k: int) -> tuple[float, float, float]:
@@ -151,7 +149,9 @@ def locate_checked(
         lo, mid, hi = band(k)
         if k:
             report(lo, f"components lost their source's decisions: beta {b}, alpha {a}")
-        comps = run_locate(a, b, lambda f, m, lo=lo, mid=mid: report(lo + (mid - lo) * f, m))
+        comps = run(
+            alpha=a, beta=b, progress=lambda f, m, lo=lo, mid=mid: report(lo + (mid - lo) * f, m)
+        )
         sets = check_components(
             model, comps, data, device, lambda f, m, mid=mid, hi=hi: report(mid + (hi - mid) * f, m)
         )

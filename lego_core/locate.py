@@ -556,6 +556,88 @@ def masks_from_sums(
     return out
 
 
+class Locator:
+    """Locates one model's components on one dataset, at any thresholds.
+
+    The samples are selected on the first call and kept. The contribution sums are
+    kept too when they fit in one part (`shard_plan`: `shards` 1 and within
+    `memory_budget`), so another call at other thresholds costs one mask pass;
+    otherwise each call computes them again part by part, dropping each part's sums
+    before the next. `locate` is one call of a new Locator."""
+
+    def __init__(
+        self,
+        model: SourceModel,
+        data,
+        samples_per_class: int = DEFAULT_SAMPLES_PER_CLASS,
+        shards: int = 1,
+        device: str | torch.device = "cpu",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        self.model, self.data, self.samples_per_class = model, data, samples_per_class
+        self.shards, self.device, self.memory_budget = shards, device, memory_budget
+        self.selected: dict[int, torch.Tensor] | None = None
+        self._plan: list | None = None
+        self._kept_sums: dict[str, torch.Tensor] | None = None
+
+    def __call__(
+        self,
+        alpha: float | dict | None = None,
+        beta: float | dict | None = None,
+        progress: Progress | None = None,
+    ) -> Components:
+        model, data, device = self.model, self.data, self.device
+        alpha_d = _per_kind(alpha, DEFAULT_ALPHA, "alpha")
+        beta_d = _per_kind(beta, DEFAULT_BETA, "beta")
+        report = progress or (lambda f, m: None)
+        if self.selected is None:
+            self.selected = select_samples(
+                model,
+                data,
+                self.samples_per_class,
+                progress=lambda f, m: report(0.5 * f, m),
+                device=device,
+            )
+            self._plan = shard_plan(self.selected, self.shards, model, self.memory_budget)
+        plan = self._plan
+        masks: dict[int, dict[str, torch.Tensor]] = {}
+        for k, (idx, lab) in enumerate(plan):
+            part = self._kept_sums
+            if part is None:
+                part = contribution_sums(
+                    model,
+                    data,
+                    idx,
+                    lab,
+                    progress=lambda f, m, k=k: report(0.5 + 0.5 * (k + 0.9 * f) / len(plan), m),
+                    device=device,
+                )
+                if len(plan) == 1:
+                    self._kept_sums = part
+            report(0.5 + 0.5 * (k + 0.9) / len(plan), "locating masks")
+            masks.update(masks_from_sums(model, part, part[CLASSES_KEY].tolist(), alpha_d, beta_d))
+            del part
+        report(1.0, "locating masks")
+        components = Components(
+            class_names=list(model.class_names),
+            layers=[n.layer for n in model.graph.layers()],
+            masks=dict(sorted(masks.items())),
+            selected=self.selected,
+            parameters={
+                "samples_per_class": self.samples_per_class,
+                "alpha": alpha_d,
+                "beta": beta_d,
+            },
+            dataset={
+                "source": str(getattr(data, "source", "")),
+                "size": len(data),
+                "class_names": list(data.class_names),
+            },
+        )
+        report(1.0, "done")
+        return components
+
+
 def locate(
     model: SourceModel,
     data,
@@ -575,39 +657,7 @@ def locate(
     (beyond the model and one batch). Each part's masks are computed and its sums
     dropped before the next. `device` runs the forward passes there (e.g.
     "cuda"); results are on the CPU. Per-class statistics (params, FLOPs) are the
-    caller's: `lego_core.evaluate.component_stats`."""
-    alpha_d = _per_kind(alpha, DEFAULT_ALPHA, "alpha")
-    beta_d = _per_kind(beta, DEFAULT_BETA, "beta")
-    report = progress or (lambda f, m: None)
-    selected = select_samples(
-        model, data, samples_per_class, progress=lambda f, m: report(0.5 * f, m), device=device
-    )
-    masks: dict[int, dict[str, torch.Tensor]] = {}
-    plan = shard_plan(selected, shards, model, memory_budget)
-    for k, (idx, lab) in enumerate(plan):
-        part = contribution_sums(
-            model,
-            data,
-            idx,
-            lab,
-            progress=lambda f, m, k=k: report(0.5 + 0.5 * (k + 0.9 * f) / len(plan), m),
-            device=device,
-        )
-        report(0.5 + 0.5 * (k + 0.9) / len(plan), "locating masks")
-        masks.update(masks_from_sums(model, part, part[CLASSES_KEY].tolist(), alpha_d, beta_d))
-        del part
-    report(1.0, "locating masks")
-    components = Components(
-        class_names=list(model.class_names),
-        layers=[n.layer for n in model.graph.layers()],
-        masks=dict(sorted(masks.items())),
-        selected=selected,
-        parameters={"samples_per_class": samples_per_class, "alpha": alpha_d, "beta": beta_d},
-        dataset={
-            "source": str(getattr(data, "source", "")),
-            "size": len(data),
-            "class_names": list(data.class_names),
-        },
-    )
-    report(1.0, "done")
-    return components
+    caller's: `lego_core.evaluate.component_stats`. (`Locator` locates again at
+    other thresholds without selecting and, where they fit, summing again.)"""
+    locator = Locator(model, data, samples_per_class, shards, device, memory_budget)
+    return locator(alpha, beta, progress)

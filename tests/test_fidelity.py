@@ -9,6 +9,7 @@ import torch
 
 from lego_core import (
     MNIST_SPEC,
+    Locator,
     check_components,
     check_warning,
     disassemble,
@@ -94,3 +95,26 @@ def test_thresholds_that_cut_everything_are_reported_not_changed(lenet, mnist_tr
     warning = check_warning(harsh)
     assert "do not keep their source's decisions" in warning and failed[0]["classes"][0] in warning
     assert check_components(lenet, harsh, mnist_train) == check["sets"]
+
+
+def test_a_locator_locates_again_at_other_thresholds_with_one_mask_pass(lenet, mnist_train):
+    """`Locator` keeps the selected samples and, where they fit in one part, the
+    contribution sums: its second call reports neither selection nor contributions
+    and gives `locate`'s masks at those thresholds. (The relaxed steps of
+    `locate_checked` go through one Locator.)"""
+    locator = Locator(lenet, mnist_train, samples_per_class=20)
+    messages: list[list[str]] = [[], []]
+    first = locator(progress=lambda f, m: messages[0].append(m))
+    second = locator(alpha=0.1, beta=0.05, progress=lambda f, m: messages[1].append(m))
+    assert {"selecting samples", "computing contributions"} <= set(messages[0])
+    assert not {"selecting samples", "computing contributions"} & set(messages[1])
+    for comps, (alpha, beta) in ((first, (None, None)), (second, (0.1, 0.05))):
+        plain = locate(lenet, mnist_train, samples_per_class=20, alpha=alpha, beta=beta)
+        assert comps.parameters == plain.parameters
+        for c in plain.masks:
+            assert torch.equal(comps.selected[c], plain.selected[c])
+            for layer, mask in plain.masks[c].items():
+                assert torch.equal(comps.masks[c][layer], mask), (c, layer)
+    # Looser thresholds keep more.
+    kept = [sum(int(m.sum()) for m in comps.masks[0].values()) for comps in (first, second)]
+    assert kept[1] > kept[0]
