@@ -23,6 +23,7 @@ import torch
 from lego_core.data import normalize
 from lego_core.disassemble import disassemble
 from lego_core.locate import (
+    CONTRIBUTION_BATCH,
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     Components,
@@ -77,10 +78,18 @@ def set_fidelity(
     labels = torch.cat(
         [torch.full((components.selected[c].numel(),), i) for i, c in enumerate(classes)]
     )
-    x = normalize(data.images[rows], model.spec).to(device)
-    source = model.net().to(device)(x)[:, classes].argmax(1).cpu()
     comp = disassemble(model, components, classes, data=data, device=device)
-    predicted = comp.net().to(device)(x).argmax(1).cpu()
+
+    def predict(net) -> torch.Tensor:  # in batches, as locate runs its forward passes
+        out = []
+        for start in range(0, rows.numel(), CONTRIBUTION_BATCH):
+            x = normalize(data.images[rows[start : start + CONTRIBUTION_BATCH]], model.spec)
+            out.append(net(x.to(device)).argmax(1).cpu())
+        return torch.cat(out)
+
+    source_net = model.net().to(device)
+    source = predict(lambda x: source_net(x)[:, classes])
+    predicted = predict(comp.net().to(device))
     s = float((source == labels).float().mean())
     c = float((predicted == labels).float().mean())
     return {

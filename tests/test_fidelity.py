@@ -57,8 +57,8 @@ def lenet(lenet_mnist):
 def test_located_lenet_passes_the_check_at_the_defaults(lenet, mnist_train):
     """Where MDA's defaults keep the source's decisions nothing changes: the masks
     are `locate`'s, and the report says what was scored."""
-    plain = locate(lenet, mnist_train, samples_per_class=20)
-    checked = locate_checked(lenet, mnist_train, samples_per_class=20)
+    plain = locate(lenet, mnist_train, samples_per_class=50)
+    checked = locate_checked(lenet, mnist_train, samples_per_class=50)
     check = checked.parameters["check"]
     assert check["passed"] and check["relaxed"] == 0
     assert check_warning(checked) is None
@@ -68,12 +68,13 @@ def test_located_lenet_passes_the_check_at_the_defaults(lenet, mnist_train):
     assert {k: checked.parameters[k] for k in ("alpha", "beta")} == {
         k: plain.parameters[k] for k in ("alpha", "beta")
     }
-    # Each set's scores are the source's and the component's on its located images.
+    # Each set's scores are the source's and the component's on its located images
+    # (150 of them: scored in two batches).
     first = check["sets"][0]
     classes = [DIGITS.index(n) for n in first["classes"]]
     rows = torch.cat([checked.selected[c] for c in classes])
     x = normalize(mnist_train.images[rows], MNIST_SPEC)
-    y = torch.arange(len(classes)).repeat_interleave(20)
+    y = torch.arange(len(classes)).repeat_interleave(50)
     with torch.no_grad():
         comp = disassemble(lenet, checked, classes, data=mnist_train)
         accuracy = float((comp.net()(x).argmax(1) == y).float().mean())
