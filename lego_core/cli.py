@@ -801,7 +801,11 @@ def add_commands(subparsers) -> None:
         "locate the component of every class of a source model",
         "Select the most confident samples of each class, sum the relative "
         "contributions and derive per-class channel masks (MDA sections 1-3). "
-        "Writes a components file and prints each class's component size.",
+        "Then score the components of a few class sets against the model on their "
+        "located images; where the default thresholds lose the model's decisions, "
+        "locate again with looser ones (thresholds given with --alpha/--beta are "
+        "kept). Writes a components file and prints each class's component size "
+        "and the check.",
         """
   lego locate --model lenet.pt --data mnist-train.tar.gz --out lenet-comps.pt
   lego locate --model lenet.pt --data train/ --alpha conv=0.3,linear=0.4 --beta 0.2 --out c.pt
