@@ -24,10 +24,13 @@ class LocateIn(BaseModel):
     dataset_id: DbId
     samples_per_class: int | None = Field(None, ge=1, le=100_000)
     alpha: float | dict[str, float] | None = Field(
-        None, description='a number in [0, 1) or {"conv": x, "linear": y}'
+        None,
+        description='a number in [0, 1) or {"conv": x, "linear": y}. With alpha and beta '
+        "both left out, the defaults are used and loosened step by step where the located "
+        "components lose the model's decisions (result.check); given ones are kept",
     )
     beta: float | dict[str, float] | None = Field(
-        None, description='a number in [0, 1) or {"conv": x, "linear": y}'
+        None, description='a number in [0, 1) or {"conv": x, "linear": y} (see alpha)'
     )
 
     @field_validator("alpha", "beta")
