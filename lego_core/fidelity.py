@@ -196,8 +196,11 @@ def check_warning(components: Components) -> str | None:
         )
     if check["relaxed"]:
         p = components.parameters
+        shares = [s["params"] for s in check["sets"]]
         return (
             f"the default thresholds cut too deep for this model; located with alpha "
-            f"{p['alpha']} and beta {p['beta']} so that components keep their source's decisions"
+            f"{p['alpha']} and beta {p['beta']} so that components keep their source's "
+            f"decisions (the checked ones keep {100 * min(shares):.0f}-{100 * max(shares):.0f}% "
+            f"of its parameters)"
         )
     return None

@@ -296,7 +296,10 @@ def test_check_relaxes_the_defaults_step_by_step_until_components_keep_decisions
     # The first step is the plain locate at the defaults, and its check fails.
     first = locate(model, separable, SAMPLES)
     assert not all(s["kept"] for s in check_components(model, first, separable))
-    assert "default thresholds cut too deep" in check_warning(comps)
+    warning = check_warning(comps)
+    assert "default thresholds cut too deep" in warning
+    shares = [round(100 * s["params"]) for s in check["sets"]]
+    assert f"keep {min(shares)}-{max(shares)}% of its parameters" in warning
     # Thresholds given by the caller are kept whatever the check says.
     given = locate_checked(
         model, separable, samples_per_class=SAMPLES, alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA
