@@ -219,6 +219,7 @@ def disassemble(
     classes,
     data=None,
     device: str | torch.device = "cpu",
+    means: dict[str, torch.Tensor] | None = None,
 ) -> Component:
     """The component of `model` for `classes` (names or indices, in the order
     the component's logits will have).
@@ -227,10 +228,11 @@ def disassemble(
     channels' mean contribution over the classes' located samples is folded into
     the biases of the layers that read them (mean compensation); without it,
     removed channels simply vanish, as in the paper. `device`: where the forward
-    passes of mean compensation run (the component is on the CPU)."""
+    passes of mean compensation run (the component is on the CPU). `means`: the
+    `input_means` of the classes' located samples, already computed (instead of
+    `data`; the check scores the same class sets at several thresholds)."""
     idx = model.class_indices(classes)
-    means = None
-    if data is not None:
+    if means is None and data is not None:
         rows = [components.selected[c] for c in idx if c in components.selected]
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         if rows.numel() and int(rows.max()) < len(data):

@@ -16,12 +16,10 @@ set passes. The report is kept in `Components.parameters["check"]`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from lego_core.data import normalize
-from lego_core.disassemble import disassemble
+from lego_core.disassemble import disassemble, input_means
 from lego_core.locate import (
     CONTRIBUTION_BATCH,
     DEFAULT_ALPHA,
@@ -70,15 +68,21 @@ def keeps_decisions(source: float, component: float, classes: int) -> bool:
 
 @torch.no_grad()
 def set_fidelity(
-    model: SourceModel, components: Components, data, classes: list[int], device="cpu"
+    model: SourceModel,
+    components: Components,
+    data,
+    classes: list[int],
+    device="cpu",
+    source_side: dict | None = None,
 ) -> dict:
     """The source's and the (mean-compensated) component's accuracy on the located
-    images of `classes`, argmax over those classes."""
+    images of `classes`, argmax over those classes. `source_side` caches what does
+    not depend on the thresholds (the source's predictions and the input means) for
+    the next call with the same selected samples."""
     rows = torch.cat([components.selected[c] for c in classes])
     labels = torch.cat(
         [torch.full((components.selected[c].numel(),), i) for i, c in enumerate(classes)]
     )
-    comp = disassemble(model, components, classes, data=data, device=device)
 
     def predict(net) -> torch.Tensor:  # in batches, as locate runs its forward passes
         out = []
@@ -87,10 +91,18 @@ def set_fidelity(
             out.append(net(x.to(device)).argmax(1).cpu())
         return torch.cat(out)
 
-    source_net = model.net().to(device)
-    source = predict(lambda x: source_net(x)[:, classes])
+    cached = (source_side or {}).get(tuple(classes))
+    if cached is None:
+        source_net = model.net().to(device)
+        cached = {
+            "source": predict(lambda x: source_net(x)[:, classes]),
+            "means": input_means(model, data, rows, device=device),
+        }
+        if source_side is not None:
+            source_side[tuple(classes)] = cached
+    comp = disassemble(model, components, classes, device=device, means=cached["means"])
     predicted = predict(comp.net().to(device))
-    s = float((source == labels).float().mean())
+    s = float((cached["source"] == labels).float().mean())
     c = float((predicted == labels).float().mean())
     return {
         "classes": [model.class_names[k] for k in classes],
@@ -102,13 +114,18 @@ def set_fidelity(
 
 
 def check_components(
-    model: SourceModel, components: Components, data, device="cpu", progress: Progress | None = None
+    model: SourceModel,
+    components: Components,
+    data,
+    device="cpu",
+    progress: Progress | None = None,
+    source_side: dict | None = None,
 ) -> list[dict]:
     """`set_fidelity` of every set of `check_sets(located classes)`."""
     sets = check_sets(components.located_classes)
     out = []
     for i, classes in enumerate(sets):
-        out.append(set_fidelity(model, components, data, classes, device))
+        out.append(set_fidelity(model, components, data, classes, device, source_side))
         if progress:
             progress((i + 1) / len(sets), "checking components")
     return out
@@ -121,7 +138,7 @@ def locate_checked(
     beta: float | dict | None = None,
     progress: Progress | None = None,
     device: str | torch.device = "cpu",
-    run: Callable[..., Components] | None = None,
+    locator: Locator | None = None,
     **locate_options,
 ) -> Components:
     """`locate`, then `check_components`. With the default thresholds (alpha and
@@ -130,18 +147,18 @@ def locate_checked(
     positive. If no step passes, the step whose worst set scored highest is kept.
     Thresholds given by the caller are used as given and only reported on.
 
-    `run(alpha=, beta=, progress=)` locates at given thresholds: by default a
-    `Locator` over `locate_options` (`locate`'s samples_per_class, shards,
-    memory_budget); the service passes its sharded locate."""
+    The steps go through one `locator` (by default `Locator(model, data, device=device,
+    **locate_options)`, with `locate`'s samples_per_class, shards, memory_budget), so
+    a relaxed step selects nothing again and, where the sums are kept, is one mask
+    pass; the service passes its sharded Locator."""
     report = progress or (lambda f, m: None)
     relax = alpha is None and beta is None
     steps = RELAX_STEPS if relax else ((1.0, 1.0),)
     base_alpha = _per_kind(alpha, DEFAULT_ALPHA, "alpha")
     base_beta = _per_kind(beta, DEFAULT_BETA, "beta")
 
-    # One Locator: a relaxed step selects nothing again and, where the sums fit in
-    # one part, sums nothing again either (one mask pass).
-    run = run or Locator(model, data, device=device, **locate_options)
+    locator = locator or Locator(model, data, device=device, **locate_options)
+    source_side: dict = {}
 
     # Progress: the first locate to 0.8, its check to 0.85; later steps share the rest.
     def band(k: int) -> tuple[float, float, float]:
@@ -158,11 +175,14 @@ def locate_checked(
         lo, mid, hi = band(k)
         if k:
             report(lo, f"components lost their source's decisions: beta {b}, alpha {a}")
-        comps = run(
-            alpha=a, beta=b, progress=lambda f, m, lo=lo, mid=mid: report(lo + (mid - lo) * f, m)
-        )
+        comps = locator(a, b, lambda f, m, lo=lo, mid=mid: report(lo + (mid - lo) * f, m))
         sets = check_components(
-            model, comps, data, device, lambda f, m, mid=mid, hi=hi: report(mid + (hi - mid) * f, m)
+            model,
+            comps,
+            data,
+            device,
+            lambda f, m, mid=mid, hi=hi: report(mid + (hi - mid) * f, m),
+            source_side,  # the steps share the locator's selected samples
         )
         worst = min((s["component"] - s["source"] for s in sets), default=0.0)
         passed = all(s["kept"] for s in sets)

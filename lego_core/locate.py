@@ -580,6 +580,17 @@ class Locator:
         self._plan: list | None = None
         self._kept_sums: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def from_sums(
+        cls, model: SourceModel, data, selected: dict, sums: dict, samples_per_class: int
+    ) -> Locator:
+        """A Locator over samples selected and contribution sums computed elsewhere
+        (the service's shards): every call is one mask pass over `sums`."""
+        locator = cls(model, data, samples_per_class)
+        locator.selected, locator._plan = selected, [sample_order(selected)]
+        locator._kept_sums = sums
+        return locator
+
     def __call__(
         self,
         alpha: float | dict | None = None,

@@ -24,6 +24,7 @@ from lego_core import (
     DEFAULT_BETA,
     Components,
     ImageFolderData,
+    Locator,
     ModelFileError,
     Part,
     assemble,
@@ -282,11 +283,12 @@ def test_check_relaxes_the_defaults_step_by_step_until_components_keep_decisions
     model = captured("mobilenet_v2", "module")
     calls = []
 
-    def run(alpha, beta, progress):
-        calls.append((alpha, beta))
-        return locate(model, separable, SAMPLES, alpha=alpha, beta=beta, progress=progress)
+    class Recording(Locator):
+        def __call__(self, alpha=None, beta=None, progress=None):
+            calls.append((alpha, beta))
+            return super().__call__(alpha, beta, progress)
 
-    comps = locate_checked(model, separable, run=run)
+    comps = locate_checked(model, separable, locator=Recording(model, separable, SAMPLES))
     check = comps.parameters["check"]
     assert check["passed"] and check["relaxed"] == len(calls) - 1 >= 1
     for (alpha, beta), (fa, fb) in zip(calls, RELAX_STEPS, strict=False):

@@ -236,37 +236,16 @@ def run_shard_task(env, job_id: int, phase: str, k: int, count: int) -> str:
     return "computed" if done else "held"
 
 
-def sharded_locator(ctx, model, data, count: int):
-    """The parent's side of a sharded locate, as `run(alpha=, beta=, progress=)` for
-    `lego_core.locate_checked`. The first call sends the selection and contribution
-    shards to the workers and adds up their sums; every call makes masks here from
-    those sums with its thresholds (the sums do not depend on them), so relaxed
-    thresholds cost one mask pass. Each call returns Components equal to one pass of
-    `locate`; `progress` gets 0..1."""
-    from lego_core import Components
-    from lego_core.locate import masks_from_sums
+def sharded_locator(ctx, model, data, count: int, progress):
+    """The parent's side of a sharded locate: the selection and contribution shards
+    go to the workers and their sums are added here; returns a lego_core `Locator`
+    over them, whose every call is one mask pass (the sums do not depend on the
+    thresholds) giving Components equal to one pass of `locate`. `progress` gets
+    0..1 over the shards."""
+    from lego_core import Locator
 
-    held: dict = {}
-
-    def run(alpha: dict, beta: dict, progress) -> Components:
-        if not held:
-            held.update(_sharded_sums(ctx, model, data, count, progress))
-        progress(0.95, "locating masks")
-        selected = held["selected"]
-        return Components(
-            class_names=list(model.class_names),
-            layers=[n.layer for n in model.graph.layers()],
-            masks=masks_from_sums(model, held["sums"], sorted(selected), alpha, beta),
-            selected=selected,
-            parameters={"samples_per_class": held["n"], "alpha": alpha, "beta": beta},
-            dataset={
-                "source": str(getattr(data, "source", "")),
-                "size": len(data),
-                "class_names": list(data.class_names),
-            },
-        )
-
-    return run
+    held = _sharded_sums(ctx, model, data, count, progress)
+    return Locator.from_sums(model, data, held["selected"], held["sums"], held["n"])
 
 
 def _sharded_sums(ctx, model, data, count: int, progress) -> dict:

@@ -68,7 +68,7 @@ def located_data(ctx: JobContext, m: Model, ds: Dataset, spec):
 
 
 def locate_job(ctx: JobContext) -> Result:
-    from lego_core import Components, check_warning, component_stats, locate_checked
+    from lego_core import Components, Locator, check_warning, component_stats, locate_checked
 
     p = ctx.payload
     parameters = {
@@ -99,12 +99,21 @@ def locate_job(ctx: JobContext) -> Result:
     ctx.progress(0.05, "loading dataset")
     data = located_data(ctx, m, ds, source.spec)
     ctx.progress(0.1, "locating components")
-    kwargs = {k: v for k, v in parameters.items() if v is not None}
     shards = shard_count(ctx.env.settings, len(data))
-    # Celery: the job's shards go to every worker (worker/shards.py)
-    run = sharded_locator(ctx, source, data, shards) if shards > 1 else None
+    if shards > 1:  # Celery: the job's shards go to every worker (worker/shards.py)
+        locator = sharded_locator(ctx, source, data, shards, ctx.sub(0.1, 0.7))
+        start = 0.7
+    else:
+        n = {"samples_per_class": p["samples_per_class"]} if p.get("samples_per_class") else {}
+        locator, start = Locator(source, data, device=ctx.device, **n), 0.1
     comps = locate_checked(
-        source, data, progress=ctx.sub(0.1, 0.85), device=ctx.device, run=run, **kwargs
+        source,
+        data,
+        alpha=parameters["alpha"],
+        beta=parameters["beta"],
+        progress=ctx.sub(start, 0.85),
+        device=ctx.device,
+        locator=locator,
     )
     comps.stats = component_stats(source, comps, progress=ctx.sub(0.85, 0.95))
     ctx.progress(0.96, "saving components")
