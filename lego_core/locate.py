@@ -240,6 +240,11 @@ _MASK_BLOCK_BYTES = 2 << 20
 # at least this many sums (below that, the Python steps per run cost more than
 # the per-pair gathers they save).
 _MIN_RUN_ELEMENTS = 1 << 14
+# Steps of the per-row threshold search before falling back to division, and the
+# smallest block worth the search (its ~20 small ops cost more than dividing a
+# smaller one).
+_THRESHOLD_STEPS = 4
+_MIN_THRESHOLD_ELEMENTS = 1 << 16
 
 
 def sample_order(selected: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,17 +407,47 @@ def _minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(span > 0, (x - lo) / (span + _EPS), (x > 0).to(x.dtype))
 
 
+def _relevance_threshold(lo: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor | None:
+    """Per row, the smallest float64 t with fl(fl(t - lo) / d) > alpha, or None when
+    the search does not settle in `_THRESHOLD_STEPS` (rows that are not finite; at
+    alpha 0, a crossing among the subnormals). Rounding is monotone, so a value x
+    passes the rule's arithmetic exactly when x >= t: one compare per value instead
+    of a subtraction, a division and a compare. The start lo + alpha * d is within
+    a unit in the last place of t on the zoo's layers; each step moves one."""
+
+    def passes(v: torch.Tensor) -> torch.Tensor:
+        return (v - lo) / d > alpha
+
+    t = lo + alpha * d
+    down_to, up_to = torch.full_like(t, -math.inf), torch.full_like(t, math.inf)
+    for _ in range(_THRESHOLD_STEPS):
+        below = torch.nextafter(t, down_to)
+        up, down = ~passes(t), passes(below)  # (down implies t passes: monotone)
+        if not bool((up | down).any()):
+            return t
+        t = torch.where(up, torch.nextafter(t, up_to), torch.where(down, below, t))
+    return None
+
+
 def _row_relevance(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`_minmax(x, 1) > alpha` with the same arithmetic, overwriting `x` (a scratch
-    block): the row extremes, in-place shift and scale, and the constant rows' 0/1
-    only where there are any. The mask phase runs through here block by block."""
+    """`_minmax(x, 1) > alpha`, exactly, overwriting `x` (a float64 scratch block)
+    with 1.0 where relevant and 0.0 elsewhere: an in-place compare and float sums
+    of the result take a third of the time of a bool compare and integer sums.
+    The row extremes, a per-row threshold (`_relevance_threshold`), and the
+    constant rows' 0/1 only where there are any. The mask phase runs through here
+    block by block."""
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # (aminmax over a dim is slower)
     span = hi - lo
     constant = ~(span > 0).flatten()
     any_constant = bool(constant.any())
     if any_constant:
-        constant_rows = (x[constant] > 0).to(x.dtype) > alpha
-    out = x.sub_(lo).div_(span + _EPS) > alpha
+        constant_rows = ((x[constant] > 0).to(x.dtype) > alpha).to(x.dtype)
+    threshold = None
+    if x.numel() >= _MIN_THRESHOLD_ELEMENTS:
+        threshold = _relevance_threshold(lo, span + _EPS, alpha)
+    # Small or non-finite blocks: the rule's own arithmetic.
+    fallback = threshold is None
+    out = x.sub_(lo).div_(span + _EPS).gt_(alpha) if fallback else x.ge_(threshold)
     if any_constant:
         out[constant] = constant_rows
     return out
@@ -457,8 +492,8 @@ def mda_layer_rule(
     Only the relevant (class, output) pairs are formed, many classes' at once, in
     blocks of `_MASK_BLOCK_BYTES`; classes are taken so many at a time that their
     counts fit a block too. So the scratch memory stays a few blocks whatever the
-    number of classes or the layer's size. Counts are integers, so summing them as
-    integers gives the float64 values exactly."""
+    number of classes or the layer's size. Counts are sums of 0.0 and 1.0 in
+    float64, exact integers in any order."""
     q, pg = r_sum.shape
     qg = q // groups
     out = torch.zeros(rows.numel(), groups * pg, dtype=torch.bool)
@@ -467,7 +502,7 @@ def mda_layer_rule(
     for a in range(0, rows.numel(), per_block):
         masks = out_masks[a : a + per_block]
         cls, outputs = torch.nonzero(masks, as_tuple=True)
-        counts = torch.zeros(masks.shape[0] * groups, pg, dtype=torch.long)
+        counts = torch.zeros(masks.shape[0] * groups, pg, dtype=torch.float64)
         for i in range(0, cls.numel(), step):
             c, o = cls[i : i + step], outputs[i : i + step]
             # Pairs come in class order. Long runs of one class are taken a run at
@@ -479,15 +514,16 @@ def mda_layer_rule(
                 for k, o_run in runs:
                     r_hat = _row_relevance(r_sum(int(rows[a + k]), o_run), alpha)
                     if groups == 1:
-                        counts[k] += r_hat.sum(0)  # (faster than index_add_ of longs)
+                        # A product with ones sums the rows faster than sum(0).
+                        counts[k] += (r_hat.new_ones(1, r_hat.shape[0]) @ r_hat)[0]
                     else:
                         target = k * groups + torch.div(o_run, qg, rounding_mode="floor")
-                        counts.index_add_(0, target, r_hat.long())
+                        counts.index_add_(0, target, r_hat)
             else:
                 r_hat = _row_relevance(r_sum(rows[a + c], o), alpha)
                 target = c * groups + torch.div(o, qg, rounding_mode="floor")
-                counts.index_add_(0, target, r_hat.long())
-        t = counts.view(masks.shape[0], groups * pg).to(torch.float64)
+                counts.index_add_(0, target, r_hat)
+        t = counts.view(masks.shape[0], groups * pg)
         out[a : a + per_block] = (_minmax(t, 1) > beta) & masks.any(1, keepdim=True)
     return out
 

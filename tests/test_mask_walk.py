@@ -7,6 +7,7 @@ depthwise convs, flattens, and linear layers on signed inputs."""
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -156,3 +157,58 @@ def test_one_walk_for_all_classes_gives_each_class_its_own_masks(
     first, last = masks[classes[0]], masks[classes[-1]]
     assert any(not torch.equal(first[k], last[k]) for k in first)
     assert any(0 < float(m.float().mean()) < 1 for m in first.values())
+
+
+def _near_threshold_block(alpha: float, rows: int = 64, width: int = 2048) -> torch.Tensor:
+    """Rows whose values sit on and a few units in the last place around the point
+    where the rule's arithmetic, fl(fl(x - lo) / (span + eps)), crosses alpha, at
+    magnitudes from 1e-300 to 1e300, plus rows with lo 0, constant rows and rows of
+    zeros: where a threshold compare could disagree with the division. Values are
+    non-negative, as clamped-contribution sums are."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(rows, width, generator=gen, dtype=torch.float64)
+    scales = torch.logspace(-300, 300, rows, dtype=torch.float64)
+    for i in range(rows):
+        row = x[i] * scales[i]
+        if i % 3 == 0:
+            row[0] = 0.0  # lo 0, as after a rectified input
+        lo, hi = row.min(), row.max()
+        t = lo + alpha * (hi - lo + EPS)
+        near = t.expand(17).clone()
+        for k in range(1, 9):  # t and 8 neighbours each side
+            near[k] = torch.nextafter(near[k - 1], torch.tensor(math.inf, dtype=torch.float64))
+            near[8 + k] = torch.nextafter(
+                near[8 + k - 1] if k > 1 else t, torch.tensor(-math.inf, dtype=torch.float64)
+            )
+        row[1:18] = near.clamp(min=0)  # contribution sums are never negative
+        x[i] = row
+    x[5] = 3.25  # constant rows: positive, zero
+    x[6] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.3, 1.0 / 3.0, 0.9])
+def test_row_relevance_threshold_equals_the_division_at_the_boundary(alpha):
+    """`_row_relevance` compares each value with a per-row threshold instead of
+    dividing: it must decide every value as the division does, even a unit in the
+    last place either side of the crossing."""
+    x = _near_threshold_block(alpha)
+    assert x.numel() >= locate_module._MIN_THRESHOLD_ELEMENTS  # the threshold path runs
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    if alpha > 0:  # (at alpha 0 the crossing lies below the normal range: it divides)
+        assert locate_module._relevance_threshold(lo, hi - lo + EPS, alpha) is not None
+    expected = minmax_above(x, alpha)
+    got = locate_module._row_relevance(x.clone(), alpha)
+    assert got.dtype == torch.float64
+    assert torch.equal(got.bool(), expected)
+    assert expected[:, 1:18].any() and not expected[:, 1:18].all()  # the crossing is there
+
+
+def test_row_relevance_falls_back_to_the_division_on_non_finite_rows():
+    x = _near_threshold_block(0.3)
+    x[9, 100] = math.nan
+    x[10, 200] = math.inf
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    assert locate_module._relevance_threshold(lo, hi - lo + EPS, 0.3) is None
+    got = locate_module._row_relevance(x.clone(), 0.3)
+    assert torch.equal(got.bool(), minmax_above(x, 0.3))
