@@ -44,7 +44,6 @@ class Component:
         return GraphNet(self.graph).eval()
 
 
-@torch.no_grad()
 def input_means(
     model: SourceModel, data, indices: torch.Tensor, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -53,6 +52,15 @@ def input_means(
     [P, kh*kw], the mean over images and output positions of the value each
     kernel tap reads (padding reads zeros). The forward passes run on `device`; the
     means are returned on the CPU."""
+    return input_means_and_logits(model, data, indices, device)[0]
+
+
+@torch.no_grad()
+def input_means_and_logits(
+    model: SourceModel, data, indices: torch.Tensor, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`input_means`, and the source's logits on the same images ([len(indices),
+    classes], on the CPU) from the same forward passes."""
     from lego_core.contributions import tap_sums
     from lego_core.data import normalize
     from lego_core.locate import CONTRIBUTION_BATCH
@@ -79,11 +87,14 @@ def input_means(
 
     net = model.net().to(device)
     net.hook = hook
+    logits = []
     for start in range(0, indices.numel(), CONTRIBUTION_BATCH):
         batch = data.images[indices[start : start + CONTRIBUTION_BATCH]].to(device)
-        net(normalize(batch, model.spec))
+        logits.append(net(normalize(batch, model.spec)).cpu())
     n = max(1, indices.numel())
-    return {layer: (total / n).float().cpu() for layer, total in sums.items()}
+    means = {layer: (total / n).float().cpu() for layer, total in sums.items()}
+    logits = torch.cat(logits) if logits else torch.zeros(0, model.graph.num_outputs)
+    return means, logits
 
 
 def prune_graph(
@@ -120,12 +131,13 @@ def prune_graph(
                 node = _with_groups(node, int(out_idx.numel()))
             elif node.kind == "linear" or node.conv_options()[3] == 1:
                 in_idx = spaces.value_indices(node.args[0].name, keep)
-                tensors[node.weight_key()] = w[out_idx][:, in_idx].clone()
+                rows = w.index_select(0, out_idx)  # (new tensors: the source's stay apart)
+                tensors[node.weight_key()] = rows.index_select(1, in_idx)
                 if node.bias_key():
                     tensors[node.bias_key()] = graph.tensors[node.bias_key()][out_idx].clone()
                 if means is not None and node.layer in means:
                     mean = means[node.layer]
-                    node = _fold_removed_inputs(node, w[out_idx], in_idx, mean, tensors)
+                    node = _fold_removed_inputs(node, rows, in_idx, mean, tensors)
                 nodes.append(node)
                 continue
             # grouped convs touch only fixed atoms: kept whole

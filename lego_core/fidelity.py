@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lego_core.data import normalize
-from lego_core.disassemble import disassemble, input_means
+from lego_core.disassemble import disassemble, input_means_and_logits
 from lego_core.locate import (
     CONTRIBUTION_BATCH,
     DEFAULT_ALPHA,
@@ -92,12 +92,9 @@ def set_fidelity(
         return torch.cat(out)
 
     cached = (source_side or {}).get(tuple(classes))
-    if cached is None:
-        source_net = model.net().to(device)
-        cached = {
-            "source": predict(lambda x: source_net(x)[:, classes]),
-            "means": input_means(model, data, rows, device=device),
-        }
+    if cached is None:  # one pass of the source gives both
+        means, logits = input_means_and_logits(model, data, rows, device=device)
+        cached = {"source": logits[:, classes].argmax(1), "means": means}
         if source_side is not None:
             source_side[tuple(classes)] = cached
     comp = disassemble(model, components, classes, device=device, means=cached["means"])
