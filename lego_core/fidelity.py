@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from lego_core.data import normalize
 from lego_core.disassemble import disassemble, input_means_and_logits
+from lego_core.evaluate import predict_labels
 from lego_core.locate import (
     CONTRIBUTION_BATCH,
     DEFAULT_ALPHA,
@@ -84,13 +84,6 @@ def set_fidelity(
         [torch.full((components.selected[c].numel(),), i) for i, c in enumerate(classes)]
     )
 
-    def predict(net) -> torch.Tensor:  # in batches, as locate runs its forward passes
-        out = []
-        for start in range(0, rows.numel(), CONTRIBUTION_BATCH):
-            x = normalize(data.images[rows[start : start + CONTRIBUTION_BATCH]], model.spec)
-            out.append(net(x.to(device)).argmax(1).cpu())
-        return torch.cat(out)
-
     cached = (source_side or {}).get(tuple(classes))
     if cached is None:  # one pass of the source gives both
         means, logits = input_means_and_logits(model, data, rows, device=device)
@@ -98,7 +91,13 @@ def set_fidelity(
         if source_side is not None:
             source_side[tuple(classes)] = cached
     comp = disassemble(model, components, classes, device=device, means=cached["means"])
-    predicted = predict(comp.net().to(device))
+    net = comp.net().to(device)
+    predicted = predict_labels(  # in batches, as locate runs its forward passes
+        lambda x: net(x.to(device)).cpu(),
+        data.images[rows],
+        model.spec,
+        batch_size=CONTRIBUTION_BATCH,
+    )
     s = float((cached["source"] == labels).float().mean())
     c = float((predicted == labels).float().mean())
     return {
